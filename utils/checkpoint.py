@@ -1,0 +1,116 @@
+"""Snapshots: one self-contained dict, written atomically, loaded with weights_only=True."""
+import glob
+import os
+import random
+import re
+
+import numpy as np
+import torch
+import yaml
+
+SNAPSHOT_KEYS = ("change_detector_state", "speaker_state", "cbr_state", "optimizer_state",
+                 "scheduler_state", "iteration", "rng_state", "config", "vocab")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that is missing, unreadable or does not fit the model."""
+
+
+def snapshot_dir(cfg):
+    return os.path.join(cfg.exp_dir, cfg.exp_name, "snapshots")
+
+
+def snapshot_path(cfg, iteration):
+    return os.path.join(snapshot_dir(cfg), f"{cfg.exp_name}_checkpoint_{iteration}.pt")
+
+
+def list_snapshots(cfg):
+    """Iterations of the experiment's snapshots, ascending."""
+    pattern = re.compile(re.escape(cfg.exp_name) + r"_checkpoint_(\d+)\.pt$")
+    found = (pattern.search(os.path.basename(p)) for p in glob.glob(os.path.join(snapshot_dir(cfg), "*.pt")))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def config_to_dict(cfg):
+    """The config as plain nested dicts and lists, loadable with weights_only=True."""
+    return yaml.safe_load(cfg.dump())
+
+
+def capture_rng_state():
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_snapshot(path, snapshot):
+    """Writes to a temporary file, syncs it, then renames: a crash never leaves a half-written snapshot."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as handle:
+            torch.save(snapshot, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    directory = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_snapshot(path):
+    """Loads a snapshot written by save_snapshot (no pickled code is executed)."""
+    if not os.path.isfile(path):
+        raise SnapshotError(f"snapshot {path} does not exist")
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for truncated or foreign files
+        raise SnapshotError(f"{path} is not a readable snapshot ({type(err).__name__}: {err}); "
+                            f"it may be truncated or not written by train.py") from None
+    if not isinstance(snapshot, dict):
+        raise SnapshotError(f"{path} is not a snapshot: it holds a {type(snapshot).__name__}, not a dict")
+    missing = [key for key in ("change_detector_state", "speaker_state") if key not in snapshot]
+    if missing:
+        raise SnapshotError(f"{path} is not a snapshot of this project: it lacks {', '.join(missing)}")
+    return snapshot
+
+
+def load_weights(module, state, name, path):
+    """load_state_dict(strict=True) with an error naming the mismatching keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}")
+        if wrong_shape:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: snapshot {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_shape[:5]))
+        raise SnapshotError(f"{path}: {name} does not fit the model built from the config ("
+                            + "; ".join(parts) + "); was it trained with another architecture?")
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,101 @@
+"""The pieces train.py and test.py share: building the model, one batch's losses, caption generation."""
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from models.CBR import CBR
+from models.SCORER import AddSpatialInfo, ChangeDetector
+from models.transformer_decoder import Speaker
+from utils.utils import CrossEn, caption_loss, decode_sequence, labels_with_ignore
+
+
+class CaptionModel(nn.Module):
+    """Encoder, decoder and CBR head under the names the snapshots use."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.spatial_info = AddSpatialInfo()
+        self.change_detector = ChangeDetector(cfg)
+        self.speaker = Speaker(cfg)
+        self.cbr = CBR(cfg)
+        self.cross_entropy = CrossEn()
+        self.label_smoothing = cfg.model.speaker.label_smoothing
+
+    def pair_losses(self, bef_feat, aft_feat, labels, masks):
+        """Losses of one kind of pair. feats: (B, C, H, W); labels, masks: (B, S, L) with S captions per pair."""
+        out, sim_ba, sim_ab, bef_tokens, aft_tokens = self.change_detector(
+            self.spatial_info(bef_feat), self.spatial_info(aft_feat), compute_similarity=True)
+        B, S, L = labels.shape
+        seq = labels.reshape(B * S, L)  # (B*S, L)
+        seq_mask = masks.reshape(B * S, L).to(out.dtype)  # (B*S, L)
+        logits, hidden = self.speaker(out.repeat_interleave(S, dim=0), seq, seq_mask)  # (B*S, L, V), (B*S, L, d)
+        cap = caption_loss(logits, labels_with_ignore(seq, seq_mask), self.label_smoothing)
+        cross_view = (self.cross_entropy(sim_ba.float()) + self.cross_entropy(sim_ab.float())) / 2
+        # The CBR head contrasts pairs across the batch, so it takes one caption per pair.
+        first = hidden.view(B, S, L, -1)[:, 0]  # (B, L, d)
+        cross_modal = self.cbr(bef_tokens, first, aft_tokens, seq_mask.view(B, S, L)[:, 0])
+        return cap, cross_view, cross_modal.float()
+
+    def forward(self, batch, lambda_v, lambda_m):
+        """The training losses of a batch (both the changed and the distractor pair)."""
+        pos = self.pair_losses(batch["d_feat"], batch["q_feat"], batch["pos_labels"], batch["pos_masks"])
+        neg = self.pair_losses(batch["d_feat"], batch["n_feat"], batch["neg_labels"], batch["neg_masks"])
+        caption, cross_view, cross_modal = ((p + n) / 2 for p, n in zip(pos, neg))
+        total = caption + lambda_v * cross_view + lambda_m * cross_modal
+        return {"total": total, "caption": caption, "cross_view": cross_view, "cross_modal": cross_modal}
+
+    @torch.no_grad()
+    def generate(self, bef_feat, aft_feat, beam_size=1, sample_max=True, temperature=1.0,
+                 return_attention=False):
+        """Captions for pairs (B, C, H, W): tokens (B, L), log-probs; optionally the attention maps."""
+        encoded = self.change_detector(self.spatial_info(bef_feat), self.spatial_info(aft_feat),
+                                       compute_similarity=False, return_attention=return_attention)
+        result = self.speaker.sample(encoded[0], sample_max=sample_max, temperature=temperature,
+                                     beam_size=beam_size, return_attention=return_attention)
+        if return_attention:
+            seq, logprobs, decoder_attention = result
+            return seq, logprobs, {"encoder": encoded[5], "decoder": decoder_attention}
+        return result
+
+
+def move_batch(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast_context(device, amp):
+    """bf16/fp16 autocast on CUDA when asked; a no-op on the CPU."""
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def scene_key(image_id):
+    return f"{int(image_id):06d}.png"
+
+
+@torch.no_grad()
+def generate_captions(model, loader, idx_to_word, device, beam_size=1, amp="none", progress=None):
+    """Captions for every scene in loader: (sc_results, nsc_results) as COCO result lists.
+
+    Image ids are "000123.png" for the changed pair and "000123.png_n" for the distractor pair.
+    """
+    was_training = model.training
+    model.eval()
+    sc_results, nsc_results = [], []
+    try:
+        for batch in loader:
+            batch = move_batch(batch, device)
+            with autocast_context(device, amp):
+                sc_seq, _ = model.generate(batch["d_feat"], batch["q_feat"], beam_size=beam_size)
+                nsc_seq, _ = model.generate(batch["d_feat"], batch["n_feat"], beam_size=beam_size)
+            keys = [scene_key(i) for i in batch["image_id"].tolist()]
+            for key, sentence in zip(keys, decode_sequence(idx_to_word, sc_seq)):
+                sc_results.append({"image_id": key, "caption": sentence})
+            for key, sentence in zip(keys, decode_sequence(idx_to_word, nsc_seq)):
+                nsc_results.append({"image_id": key + "_n", "caption": sentence})
+            if progress is not None:
+                progress.update(len(keys))
+    finally:
+        model.train(was_training)
+    return sc_results, nsc_results
