@@ -60,11 +60,12 @@ def prepare_config(cfg, train_set):
     return cfg
 
 
-def make_loader(dataset, cfg, device, batch_sampler=None, batch_size=None):
+def make_loader(dataset, cfg, device, batch_sampler=None, batch_size=1):
+    """batch_sampler for training, or batch_size for the ordered val/test loaders."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
     # A private generator keeps the loader from drawing on the global RNG (exact resume).
-    return DataLoader(dataset, batch_sampler=batch_sampler, batch_size=batch_size,
-                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator(), persistent_workers=False)
+    return DataLoader(dataset, **batching, num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
 def epoch_batches(num_items, batch_size, seed, epoch):

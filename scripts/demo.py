@@ -1,0 +1,181 @@
+"""The embedded demo: the whole pipeline on a synthetic CLEVR-Change set, on the CPU, in minutes.
+
+Stages (each skipped when its output is already there, so a second run is quick):
+  1. generate the synthetic data set            -> data/demo/
+  2. extract ResNet-101 features (3 folders)    -> data/demo/{features,sc_features,nsc_features}/
+  3. build the vocabulary and label file        -> data/demo/transformer_{vocab.json,labels.h5}
+  4. start a visdom server (offline-capable)    -> http://127.0.0.1:8097 (stopped at the end)
+  5. train configs/dynamic/transformer_demo.yaml -> experiments/demo/
+  6. caption the test split with the best snapshot (test.py)
+  7. evaluate validation and test captions (evaluate.py)
+  8. draw triplet figures and write the report, when those tools exist
+Run it with `make demo` (DEMO_SCENES=N scales it) or `python scripts/demo.py --num_scenes N`.
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/dynamic/transformer_demo.yaml"
+DATA = "data/demo"
+EXPERIMENT = "experiments/demo"
+RENDER_SIZE = ("160", "120")  # width, height of the rendered images
+FEATURE_INPUT = "112"  # square network input: ResNet-101 layer3 then gives a 7 x 7 grid
+IMAGE_FOLDERS = (("images", "features"), ("sc_images", "sc_features"), ("nsc_images", "nsc_features"))
+
+# Quality the demo must reach on the synthetic test split.
+TARGETS = {"CIDEr": 60.0, "no_change_rate": 0.90, "right_type_rate": 0.70}
+
+
+def run(command, stage):
+    print(f"  $ {' '.join(command)}", flush=True)
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode:
+        sys.exit(f"demo: stage '{stage}' failed (exit {result.returncode}); see the output above")
+
+
+def python(*args):
+    return [sys.executable, *args]
+
+
+def imagenet_weights_present():
+    """True when torchvision's ResNet-101 ImageNet checkpoint is already in the torch hub cache."""
+    import torch
+    from torchvision.models import ResNet101_Weights
+
+    file_name = os.path.basename(ResNet101_Weights.IMAGENET1K_V1.url)
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", file_name))
+
+
+def port_open(port):
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_visdom(port):
+    """A visdom server on 127.0.0.1 that this demo owns, or None when one already answers there."""
+    if port_open(port):
+        print(f"  a server already answers on port {port}: using it")
+        return None
+    run(python("scripts/setup_visdom_offline.py"), "visdom set-up")
+    log = open(os.path.join(ROOT, EXPERIMENT, "visdom_server.log"), "w")
+    server = subprocess.Popen(python("-m", "visdom.server", "-port", str(port), "-hostname", "127.0.0.1"),
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(100):
+        if port_open(port):
+            break
+        time.sleep(0.2)
+    else:
+        print("  the visdom server did not come up; training goes on without the dashboard")
+    return server
+
+
+def best_iteration():
+    with open(os.path.join(ROOT, EXPERIMENT, "best_snapshot.json")) as handle:
+        return json.load(handle)["iteration"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_scenes", type=int, default=2000, help="synthetic scenes to generate")
+    parser.add_argument("--max_iter", type=int, default=None, help="override the demo config's iterations")
+    parser.add_argument("--port", type=int, default=8097, help="visdom port")
+    parser.add_argument("--no_visdom", action="store_true", help="train without the dashboard")
+    args = parser.parse_args()
+    os.makedirs(os.path.join(ROOT, EXPERIMENT), exist_ok=True)
+    timings = []
+
+    def stage(name, done, action):
+        print(f"\n== {name}", flush=True)
+        start = time.time()
+        if done():
+            print("  already there: skipped")
+        else:
+            action()
+        timings.append((name, time.time() - start))
+
+    data = os.path.join(ROOT, DATA)
+    stage("1. generate synthetic CLEVR-Change", lambda: os.path.exists(os.path.join(data, "scenes.json")),
+          lambda: run(python("scripts/generate_synthetic_clevr.py", "--output_dir", DATA, "--num_scenes",
+                             str(args.num_scenes), "--width", RENDER_SIZE[0], "--height", RENDER_SIZE[1]),
+                      "generate"))
+
+    weights = "imagenet" if imagenet_weights_present() else "random"
+    print(f"\nfeatures use {weights} ResNet-101 weights"
+          + ("" if weights == "imagenet" else " (no ImageNet checkpoint in the torch hub cache)"))
+    for images, features in IMAGE_FOLDERS:
+        stage(f"2. extract features {images} -> {features}",
+              lambda: os.path.isdir(os.path.join(data, features)) and len(os.listdir(os.path.join(data, features)))
+              >= len(os.listdir(os.path.join(data, images))),
+              lambda: run(python("scripts/extract_features.py", "--input_image_dir", f"{DATA}/{images}",
+                                 "--output_dir", f"{DATA}/{features}", "--batch_size", "32",
+                                 "--image_height", FEATURE_INPUT, "--image_width", FEATURE_INPUT,
+                                 "--weights", weights), "extract"))
+
+    stage("3. preprocess captions", lambda: os.path.exists(os.path.join(data, "transformer_labels.h5")),
+          lambda: run(python("scripts/preprocess_captions_transformer.py",
+                             "--input_captions_json", f"{DATA}/change_captions.json",
+                             "--input_neg_captions_json", f"{DATA}/no_change_captions.json",
+                             "--input_image_dir", f"{DATA}/images", "--split_json", f"{DATA}/splits.json",
+                             "--output_vocab_json", f"{DATA}/transformer_vocab.json",
+                             "--output_h5", f"{DATA}/transformer_labels.h5"), "preprocess"))
+
+    server = None
+    if not args.no_visdom:
+        print("\n== 4. visdom server")
+        server = start_visdom(args.port)
+        print(f"  dashboard: http://127.0.0.1:{args.port}/env/demo")
+    overrides = [] if args.max_iter is None else ["train.max_iter", str(args.max_iter)]
+    if args.no_visdom:
+        overrides += ["logger.visdom", "False"]
+    overrides += ["logger.port", str(args.port)]
+    try:
+        stage("5. train", lambda: os.path.exists(os.path.join(ROOT, EXPERIMENT, "best_snapshot.json")),
+              lambda: run(python("train.py", "--cfg", CONFIG, *overrides), "train"))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+            print("  visdom server stopped")
+
+    iteration = best_iteration()
+    test_dir = os.path.join(ROOT, EXPERIMENT, "test_output", "captions")
+    stage(f"6. caption the test split with snapshot {iteration}",
+          lambda: os.path.exists(os.path.join(test_dir, "test", "sc_results.json")),
+          lambda: run(python("test.py", "--cfg", CONFIG, "--snapshot", str(iteration)), "test"))
+
+    anno, types = f"{DATA}/total_change_captions_reformat.json", f"{DATA}/type_mapping.json"
+    stage("7. evaluate validation captions",
+          lambda: os.path.exists(os.path.join(ROOT, EXPERIMENT, "eval_sents", "eval_results.json")),
+          lambda: run(python("evaluate.py", "--results_dir", f"{EXPERIMENT}/eval_sents", "--anno", anno,
+                             "--type_file", types), "evaluate val"))
+    stage("7. evaluate test captions", lambda: os.path.exists(os.path.join(test_dir, "eval_results.json")),
+          lambda: run(python("evaluate.py", "--results_dir", f"{EXPERIMENT}/test_output/captions", "--anno",
+                             anno, "--type_file", types), "evaluate test"))
+
+    print("\n== time per stage")
+    for name, seconds in timings:
+        print(f"  {seconds:7.1f} s  {name}")
+    print(f"  {sum(s for _, s in timings):7.1f} s  in all (the install, if any, came before)")
+    report_scores(os.path.join(test_dir, "eval_results.json"))
+
+
+def report_scores(path):
+    with open(path) as handle:
+        results = json.load(handle)
+    test = results["results"]["test"]
+    figures = {"CIDEr": test["total"]["CIDEr"], "no_change_rate": test["change_detection"]["no_change_rate"],
+               "right_type_rate": test["change_detection"]["right_type_rate"]}
+    print("\n== test split scores")
+    for name, value in figures.items():
+        verdict = "meets" if value >= TARGETS[name] else "BELOW"
+        print(f"  {name:16s} {value:8.3f}   ({verdict} the target {TARGETS[name]})")
+
+
+if __name__ == "__main__":
+    main()

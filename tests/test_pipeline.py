@@ -1,0 +1,84 @@
+"""End to end on tiny generated data: train, snapshot, resume, test, evaluate."""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+import test as test_script
+import train
+from tests.conftest import tiny_cfg
+from utils.checkpoint import list_snapshots, load_snapshot, snapshot_path
+
+SMALL_MODEL = {"model.change_detector.att_dim": 32, "model.change_detector.emb_dim": 32,
+               "model.speaker.att_dim": 32, "model.speaker.word_dim": 16, "model.cbr.att_dim": 32}
+
+
+def weights(path):
+    snapshot = load_snapshot(path)
+    return {f"{part}.{k}": v for part in ("change_detector_state", "speaker_state", "cbr_state")
+            for k, v in snapshot[part].items()}
+
+
+def train_losses(cfg):
+    with open(os.path.join(cfg.exp_dir, cfg.exp_name, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle if '"train"' in line]
+
+
+def test_train_snapshot_test_evaluate(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, exp_dir=str(tmp_path), exp_name="e2e", **SMALL_MODEL)
+    last = train.do_train(cfg)
+    assert last == snapshot_path(cfg, 4)
+    assert list_snapshots(cfg) == [2, 4]
+    exp_root = tmp_path / "e2e"
+    snapshot = load_snapshot(last)
+    assert snapshot["iteration"] == 4 and snapshot["vocab"]["<END>"] == 3
+    assert snapshot["config"]["model"]["speaker"]["att_dim"] == 32
+    for iteration in (2, 4):
+        for name in ("sc_results.json", "nsc_results.json"):
+            results = json.loads((exp_root / "eval_sents" / f"e2e_sents_{iteration}" / name).read_text())
+            assert results and all(set(r) == {"image_id", "caption"} for r in results)
+    best = json.loads((exp_root / "best_snapshot.json").read_text())
+    assert best["iteration"] in (2, 4) and "CIDEr" in best
+    assert (exp_root / "train_log.txt").read_text().count("val BLEU-4") == 2
+
+    out_dir = test_script.run_test(cfg, 4)
+    sc = json.loads(open(os.path.join(out_dir, "sc_results.json")).read())
+    nsc = json.loads(open(os.path.join(out_dir, "nsc_results.json")).read())
+    test_ids = json.load(open(tiny_data["splits"]))["test"]
+    assert sorted(r["image_id"] for r in sc) == sorted(f"{i:06d}.png" for i in test_ids)
+    assert all(r["image_id"].endswith(".png_n") for r in nsc)
+
+    evaluate.main(["--results_dir", str(exp_root / "test_output" / "captions"), "--anno", tiny_data["anno"],
+                   "--type_file", tiny_data["type_mapping"]])
+    assert (exp_root / "test_output" / "captions" / "eval_results.json").exists()
+
+
+def test_resume_gives_identical_weights_and_losses(tiny_data, tmp_path):
+    # 3 iterations an epoch (12 train ids / batch 4): the split also crosses an epoch boundary.
+    common = dict(exp_dir=str(tmp_path), **SMALL_MODEL, **{"train.max_iter": 8, "train.snapshot_interval": 4,
+                                                         "train.log_interval": 1, "train.optim.step_size": 1})
+    straight = tiny_cfg(tiny_data, exp_name="straight", **common)
+    train.do_train(straight)
+    resumed = tiny_cfg(tiny_data, exp_name="resumed", **{**common, "train.max_iter": 4})
+    train.do_train(resumed)
+    resumed = tiny_cfg(tiny_data, exp_name="resumed", **common)
+    train.do_train(resumed, resume=True)
+
+    a, b = weights(snapshot_path(straight, 8)), weights(snapshot_path(resumed, 8))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses_a = [(r["iteration"], r["total"]) for r in train_losses(straight)]
+    losses_b = [(r["iteration"], r["total"]) for r in train_losses(resumed)]
+    assert losses_a == losses_b and len(losses_a) == 8
+    lr = [r["lr"] for r in train_losses(resumed)]
+    assert lr[-1] < lr[0]  # the per-epoch schedule went on across the resume
+
+
+def test_missing_snapshot_lists_the_ones_that_exist(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, exp_dir=str(tmp_path), exp_name="few", **SMALL_MODEL,
+                   **{"train.max_iter": 2, "train.snapshot_interval": 2})
+    train.do_train(cfg)
+    with pytest.raises(Exception, match=r"no snapshot for iteration 7.*available: 2"):
+        test_script.run_test(cfg, 7)
