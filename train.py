@@ -187,6 +187,8 @@ def do_train(cfg, resume=False):
     per_epoch = len(epoch_batches(len(train_set), cfg.data.train.batch_size, cfg.seed, 0))
     val_loader = make_loader(val_set, cfg, device, batch_size=cfg.data.val.batch_size)
     dashboard = Dashboard(cfg.logger.visdom, cfg.logger.server, cfg.logger.port, env=cfg.exp_name)
+    if dashboard.enabled:
+        print(f"dashboard: {dashboard.url}")
     log_file = open(os.path.join(exp_root, "train_log.txt"), "a")
     metrics_file = open(os.path.join(exp_root, "metrics.jsonl"), "a")
     best_path = os.path.join(exp_root, "best_snapshot.json")
@@ -251,7 +253,7 @@ def do_train(cfg, resume=False):
                     f"lr {lr:.2e} {speed:.2f} it/s")
                 dashboard.scalars(iteration, values, window="loss", title="losses")
                 dashboard.scalars(iteration, scales, window="logit_scale", title="logit scales (log 1/tau)")
-                dashboard.scalars(iteration, {"lr": lr}, window="lr", title="learning rate")
+                dashboard.scalars(iteration, {"lr": lr}, window="lr", title="learning rate", log_y=True)
                 dashboard.scalars(iteration, {"it/s": speed}, window="speed", title="iterations per second")
 
             if iteration % cfg.train.snapshot_interval == 0 or iteration == cfg.train.max_iter:

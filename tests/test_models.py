@@ -13,7 +13,6 @@ from tests.model_helpers import small_cfg
 from utils.engine import CaptionModel
 from utils.utils import CrossEn as UtilsCrossEn, labels_with_ignore
 
-SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec")
 
 
 def slow_info_nce(sim):
@@ -51,6 +50,7 @@ def slow_attention(q, k, v, heads, mask=None):
     return torch.tensor(context), torch.tensor(mean_probs), torch.tensor(mean_scores)
 
 
+@pytest.mark.snippets
 def test_info_nce_both_copies_match_the_slow_formula():
     torch.manual_seed(0)
     sim = torch.randn(5, 5, dtype=torch.float64) * 3
@@ -59,6 +59,7 @@ def test_info_nce_both_copies_match_the_slow_formula():
     assert UtilsCrossEn()(sim).item() == pytest.approx(expected, rel=1e-10)
 
 
+@pytest.mark.snippets
 def test_position_encoding_values():
     n_filters, max_len = 10, 24
     pe = PositionEncoding(n_filters, max_len).pe
@@ -81,6 +82,7 @@ def test_add_spatial_info_coordinates():
             assert out[1, 4, r, c].item() == pytest.approx(2 * r / 4 - 1)
 
 
+@pytest.mark.snippets
 def test_self_attention_matches_loops_with_causal_and_padding_mask():
     torch.manual_seed(1)
     cfg = small_cfg()
@@ -102,6 +104,7 @@ def test_self_attention_matches_loops_with_causal_and_padding_mask():
     assert not torch.allclose(out[0, 4:], out_changed[0, 4:])
 
 
+@pytest.mark.snippets
 def test_cross_attention_matches_loops():
     torch.manual_seed(2)
     attention = CrossAttention(small_cfg()).double().eval()
@@ -115,6 +118,7 @@ def test_cross_attention_matches_loops():
         assert torch.allclose(scores[b], expected_scores.double(), atol=1e-9)
 
 
+@pytest.mark.snippets
 def test_scorer_attention_reconstruction_and_map():
     torch.manual_seed(3)
     attention = Attention(small_cfg()).double().eval()
@@ -150,6 +154,7 @@ def test_mtm_one_pair_by_loops_and_chunking():
     assert torch.allclose(per_head, (heads[0] + heads[1]) / 2, atol=1e-12)
 
 
+@pytest.mark.snippets
 def test_cbr_loss_matches_a_direct_computation():
     torch.manual_seed(5)
     cbr = CBR(small_cfg()).double().eval()
@@ -177,6 +182,7 @@ def test_cbr_loss_matches_a_direct_computation():
     assert loss.item() == pytest.approx((slow_info_nce(sim) + slow_info_nce(transposed)) / 2, rel=1e-9)
 
 
+@pytest.mark.snippets
 def test_gradcheck_each_snippet():
     torch.manual_seed(6)
     cfg = small_cfg("model.change_detector.dropout", "0.0", "model.speaker.dropout", "0.0")
@@ -197,6 +203,7 @@ def test_gradcheck_each_snippet():
     assert torch.autograd.gradcheck(PositionEncoding(12, 7).double(), (torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True),))
 
 
+@pytest.mark.snippets
 def test_full_forward_backward_on_a_5x7_grid():
     torch.manual_seed(7)
     cfg = small_cfg()
@@ -230,6 +237,7 @@ def test_labels_with_ignore():
     assert labels_with_ignore(seq, mask).tolist() == [[5, 6, 3, -1, -1, -1]]
 
 
+@pytest.mark.snippets
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_cached_decoding_equals_recomputing_the_prefix(beam_size):
     torch.manual_seed(8)
@@ -249,6 +257,7 @@ def test_cached_decoding_equals_recomputing_the_prefix(beam_size):
             assert all(t == 0 for t in row[row.index(3) + 1:])
 
 
+@pytest.mark.snippets
 def test_beam_search_finds_at_least_the_greedy_score():
     torch.manual_seed(9)
     speaker = Speaker(small_cfg()).eval()
@@ -261,6 +270,7 @@ def test_beam_search_finds_at_least_the_greedy_score():
     assert (beam_lp.sum(1) >= greedy_lp.sum(1) - 1e-5).all()
 
 
+@pytest.mark.snippets
 def test_sampling_with_temperature_is_seeded():
     speaker = Speaker(small_cfg()).eval()
     enc = torch.randn(3, 6, 16)
@@ -271,13 +281,14 @@ def test_sampling_with_temperature_is_seeded():
     assert torch.equal(first, second)
 
 
+@pytest.mark.snippets
 def test_state_dicts_match_the_reference_names_and_shapes():
     cfg = load_config("configs/dynamic/transformer.yaml")
     ours = set()
     for prefix, module in (("change_detector_state", ChangeDetector(cfg)), ("speaker_state", Speaker(cfg)),
                            ("cbr_state", CBR(cfg))):
         ours |= {f"{prefix}.{key} {tuple(value.shape)}" for key, value in module.state_dict().items()}
-    with open(os.path.join(SPEC, "reference_state_dict.txt")) as handle:
+    with open(os.path.join(os.path.dirname(__file__), "reference_state_dict.txt")) as handle:
         reference = {line.strip() for line in handle if line.strip() and not line.startswith("#")}
     assert ours == reference
 

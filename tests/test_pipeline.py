@@ -9,6 +9,8 @@ import evaluate
 import test as test_script
 import train
 from tests.conftest import tiny_cfg
+
+pytestmark = pytest.mark.snippets  # trains the model
 from utils.checkpoint import list_snapshots, load_snapshot, snapshot_path
 
 SMALL_MODEL = {"model.change_detector.att_dim": 32, "model.change_detector.emb_dim": 32,

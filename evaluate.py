@@ -1,0 +1,196 @@
+"""Score generated change captions and report the best snapshot.
+
+    python evaluate.py --results_dir ./experiments/SCORER+CBR/eval_sents \
+        --anno ./data/total_change_captions_reformat.json --type_file ./data/type_mapping.json
+
+Every folder under --results_dir holding sc_results.json (captions of changed pairs, image ids
+"000123.png") and nsc_results.json (captions of distractor pairs, "000123.png_n") is scored:
+changed pairs, each change type, distractor pairs, and all captions together, with BLEU-1..4,
+METEOR, ROUGE-L, CIDEr and SPICE (None when SPICE cannot run offline), plus change-detection
+figures read off the captions. Then the best value of each metric across folders. Writes
+eval_results.txt (tables) and eval_results.json into --results_dir and prints the tables.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+from utils.eval_utils import (CHANGE_TYPES, SCORERS, CaptionScorer, EvalError, change_detection,
+                              load_references, load_results, load_type_mapping)
+
+RESULT_FILES = ("sc_results.json", "nsc_results.json")
+SPLITS = ("semantic",) + CHANGE_TYPES + ("non_semantic", "total")
+OUTPUT_FILES = ("eval_results.txt", "eval_results.json")
+
+
+def _natural_key(text):
+    # "sents_1000" sorts before "sents_10000"
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def find_result_folders(results_dir):
+    """Folders under results_dir (relative paths, "." for itself) holding both result files."""
+    if not os.path.isdir(results_dir):
+        raise EvalError(f"results folder {results_dir} does not exist")
+    folders = []
+    for root, dirs, files in os.walk(results_dir):
+        dirs.sort()
+        present = [name for name in RESULT_FILES if name in files]
+        if not present:
+            continue
+        missing = [name for name in RESULT_FILES if name not in files]
+        if missing:
+            raise EvalError(f"{root} has {present[0]} but no {missing[0]}; every results "
+                            f"folder needs both {RESULT_FILES[0]} and {RESULT_FILES[1]}")
+        folders.append(os.path.relpath(root, results_dir))
+    if not folders:
+        raise EvalError(f"no results found in {results_dir}: expected folders holding "
+                        f"{RESULT_FILES[0]} and {RESULT_FILES[1]} (written by train.py "
+                        f"under eval_sents/ and by test.py under test_output/captions/)")
+    return sorted(folders, key=_natural_key)
+
+
+def _load_folder(results_dir, folder, references, image_types):
+    path = os.path.join(results_dir, folder)
+    sc_file, nsc_file = (os.path.join(path, name) for name in RESULT_FILES)
+    sc, nsc = load_results(sc_file), load_results(nsc_file)
+    if not sc and not nsc:
+        raise EvalError(f"{path}: both {RESULT_FILES[0]} and {RESULT_FILES[1]} are empty")
+    for file, results, distractor in ((sc_file, sc, False), (nsc_file, nsc, True)):
+        for image_id in results:
+            if image_id.endswith("_n") != distractor:
+                kind = "distractor ids ending in _n" if distractor else "ids without _n"
+                raise EvalError(f"{file}: image id {image_id} is misplaced; this file holds "
+                                f"{kind}")
+            if image_id not in references:
+                raise EvalError(f"{file}: image id {image_id} has no reference caption in the "
+                                f"annotation file; check --anno")
+            if not distractor and image_id not in image_types:
+                raise EvalError(f"{file}: image id {image_id} has no change type in the type "
+                                f"file; check --type_file")
+    return sc, nsc
+
+
+def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS):
+    """Score every results folder; returns the report (what eval_results.json holds)."""
+    references = load_references(anno_json)
+    image_types = load_type_mapping(type_file)
+    folders = find_result_folders(results_dir)
+    loaded = {f: _load_folder(results_dir, f, references, image_types) for f in folders}
+
+    # One scorer for every caption of every folder: tokenized once, then sliced.
+    hypotheses, refs = {}, {}
+    for folder, (sc, nsc) in loaded.items():
+        for image_id, caption in {**sc, **nsc}.items():
+            hypotheses[(folder, image_id)] = caption
+            refs[(folder, image_id)] = references[image_id]
+
+    report = {"results_dir": results_dir, "anno": anno_json, "type_file": type_file,
+              "folders": {}}
+    subsets = {}
+    for folder, (sc, nsc) in loaded.items():
+        split_ids = {"semantic": list(sc), "non_semantic": list(nsc),
+                     "total": list(sc) + list(nsc)}
+        for change in CHANGE_TYPES:
+            split_ids[change] = [i for i in sc if image_types[i] == change]
+        for split in SPLITS:
+            subsets[(folder, split)] = [(folder, i) for i in split_ids[split]]
+    with CaptionScorer(hypotheses, refs, metrics) as scorer:
+        scores = scorer.score_subsets(subsets)
+        names = scorer.names
+    for folder, (sc, nsc) in loaded.items():
+        report["folders"][folder] = {
+            "scores": {split: {"count": len(subsets[(folder, split)]),
+                               **scores[(folder, split)]} for split in SPLITS},
+            "change_detection": change_detection(sc, nsc, image_types),
+        }
+    report["metrics"] = names
+    report["best"] = _best(report["folders"], names)
+    return report
+
+
+def _best(folder_reports, names):
+    """{split: {metric: {"value", "folder"}}}: the highest value over folders (first on ties)."""
+    best = {}
+    for split in SPLITS:
+        best[split] = {}
+        for name in names:
+            top = None
+            for folder, rep in folder_reports.items():
+                value = rep["scores"][split][name]
+                if value is not None and (top is None or value > top["value"]):
+                    top = {"value": value, "folder": folder}
+            best[split][name] = top
+    return best
+
+
+def _fmt(value, scale=100.0):
+    return "-" if value is None else f"{value * scale:.2f}"
+
+
+def format_report(report):
+    """The human-readable tables (scores x 100)."""
+    names = report["metrics"]
+    head = f"{'split':<14}{'n':>6}" + "".join(f"{name:>9}" for name in names)
+    lines = [f"Caption scores x 100 for {report['results_dir']}",
+             f"references: {report['anno']}; change types: {report['type_file']}", ""]
+    for folder, rep in report["folders"].items():
+        lines += [f"== {folder}", head]
+        for split in SPLITS:
+            row = rep["scores"][split]
+            label = f"  {split}" if split in CHANGE_TYPES else split
+            lines.append(f"{label:<14}{row['count']:>6}" +
+                         "".join(f"{_fmt(row[name]):>9}" for name in names))
+        det = rep["change_detection"]
+        per_type = ", ".join(f"{t} {_fmt(v, 100)}%" for t, v in det["per_type_correct"].items())
+        lines += [
+            f"change detection from the captions: distractor pairs captioned 'no change' "
+            f"{_fmt(det['distractor_no_change'])}% (of {det['distractor_pairs']}); changed "
+            f"pairs captioned as a change {_fmt(det['change_detected'])}%, as the right type "
+            f"{_fmt(det['change_type_correct'])}% (of {det['changed_pairs']}: {per_type})", ""]
+    lines.append(f"== best over {len(report['folders'])} folder(s)")
+    lines.append(f"{'split':<14}{'metric':<9}{'best':>8}  folder")
+    for split in ("semantic", "non_semantic", "total"):
+        for name in names:
+            top = report["best"][split][name]
+            where = top["folder"] if top else "-"
+            lines.append(f"{split:<14}{name:<9}{_fmt(top['value'] if top else None):>8}  {where}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Score generated change captions.")
+    parser.add_argument("--results_dir", required=True,
+                        help="folder whose subfolders hold sc_results.json and nsc_results.json")
+    parser.add_argument("--anno", required=True,
+                        help="COCO ground truth, e.g. data/total_change_captions_reformat.json")
+    parser.add_argument("--type_file", required=True,
+                        help="change type of every image, e.g. data/type_mapping.json")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    try:
+        report = evaluate_dir(args.results_dir, args.anno, args.type_file)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report["seconds"] = round(time.monotonic() - start, 2)
+    text = format_report(report)
+    _write_atomic(os.path.join(args.results_dir, OUTPUT_FILES[0]), text)
+    _write_atomic(os.path.join(args.results_dir, OUTPUT_FILES[1]), json.dumps(report, indent=2))
+    print(text, end="")
+    print(f"wrote {', '.join(os.path.join(args.results_dir, n) for n in OUTPUT_FILES)} "
+          f"({report['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Grade student submissions of the six snippets.
+
+    python scripts/grade.py SUBMISSION [SUBMISSION ...] [--out results.csv] [--json DIR] [--timeout 60]
+    python scripts/grade.py --batch SUBMISSIONS_DIR --out results.csv --json reports/
+
+A SUBMISSION is a folder or .zip holding the four files students edit (models/SCORER.py,
+models/CBR.py, models/transformer_decoder.py, utils/utils.py), found by name anywhere inside;
+--batch DIR grades every sub-folder or .zip of DIR. Each snippet is checked on its own against
+the project's solution (same weights, random inputs of several sizes: values, shapes, masks,
+gradients), then a short training run on a fixed random batch must lower the loss. Points:
+15 per snippet and 10 for the training run (100 in all). Each check runs in its own process
+with --timeout seconds.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from grading import GradingError  # noqa: E402
+from grading.grader import batch_submissions, format_table, grade, write_csv, write_json_reports  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("submissions", nargs="*", help="folders or .zip files, one per student")
+    parser.add_argument("--batch", help="a folder holding one sub-folder or .zip per student")
+    parser.add_argument("--out", help="CSV file with everyone's points")
+    parser.add_argument("--json", help="folder for one JSON report per submission")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per check (default 60)")
+    parser.add_argument("--parallel", type=int, default=None, help="checks run at once (default: CPU cores)")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    try:
+        paths = list(args.submissions) + (batch_submissions(args.batch) if args.batch else [])
+        if not paths:
+            parser.error("give at least one SUBMISSION or --batch DIR")
+        print(f"grading {len(paths)} submission(s)...", flush=True)
+        reports = grade(paths, timeout=args.timeout, parallel=args.parallel)
+        for report in reports:
+            print(format_table(report) + "\n")
+        if args.json:
+            write_json_reports(reports, args.json)
+            print(f"wrote {len(reports)} JSON report(s) to {args.json}")
+        if args.out:
+            write_csv(reports, args.out)
+            print(f"wrote {args.out}")
+    except GradingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The loader: batches, max_samples, swap augmentation, exact resume, and its clear errors."""
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_cfg
+from utils.dataset import CHANGE_TYPES, DataError, RCCDataset, build_dataloader
+from utils.text import decode
+
+
+def test_train_batch_layout(tiny_data):
+    cfg = tiny_cfg(tiny_data, **{"data.train.seq_per_img": 3})
+    ds = RCCDataset(cfg, "train")
+    assert len(ds) == 34 and ds.feature_shape == (256, 4, 4) and len(ds.vocab) == 76
+    batch = next(iter(build_dataloader(cfg, "train", shuffle=True)))
+    assert batch["d_feat"].shape == (4, 256, 4, 4) and batch["q_feat"].dtype == torch.float32
+    for prefix in ("pos", "neg"):
+        labels, masks = batch[prefix + "_labels"], batch[prefix + "_masks"]
+        assert labels.shape == (4, 3, 24) and labels.dtype == torch.int64
+        assert masks.dtype == torch.float32
+        assert (labels[:, :, 0] == 2).all()
+        # The mask covers <START> .. <END>; <NULL> (0) after it.
+        ends = masks.sum(-1).long() - 1
+        assert (labels.gather(2, ends.unsqueeze(-1)) == 3).all()
+        assert ((labels != 0).float() == masks).all()
+    assert all(0 <= t < len(CHANGE_TYPES) for t in batch["change_type"].tolist())
+    assert batch["image_id"].dtype == torch.int64 and len(batch["q_img_path"]) == 4
+
+
+def test_eval_split_uses_first_caption_and_max_samples(tiny_data):
+    cfg = tiny_cfg(tiny_data, **{"data.test.max_samples": 3, "data.train.seq_per_img": 5})
+    ds = RCCDataset(cfg, "test")
+    with open(tiny_data["splits"]) as f:
+        assert ds.ids == json.load(f)["test"][:3]
+    item = ds[0]
+    assert item["pos_labels"].shape == (1, 24)
+    with open(tiny_data["change_captions"]) as f:
+        first = json.load(f)["CLEVR_default_%06d.png" % ds.ids[0]][0]
+    assert decode(item["pos_labels"][0], ds.idx_to_word) == first
+    with open(tiny_data["type_mapping"]) as f:
+        mapping = json.load(f)
+    assert "%06d.png" % ds.ids[0] in mapping[CHANGE_TYPES[item["change_type"]]]
+    expected = np.load(os.path.join(tiny_data["sc_features"],
+                                    "CLEVR_semantic_%06d.png.npy" % ds.ids[0]))
+    assert np.array_equal(item["q_feat"].numpy(), expected)
+
+
+@pytest.mark.parametrize("swap_prob", [0.0, 1.0])
+def test_swap_augmentation(tiny_data, swap_prob):
+    ds = RCCDataset(tiny_cfg(tiny_data, **{"data.swap_prob": swap_prob}), "train")
+    item = ds[0]
+    default = np.load(os.path.join(tiny_data["features"],
+                                   "CLEVR_default_%06d.png.npy" % ds.ids[0]))
+    distractor = np.load(os.path.join(tiny_data["nsc_features"],
+                                      "CLEVR_nonsemantic_%06d.png.npy" % ds.ids[0]))
+    d_expected, n_expected = (distractor, default) if swap_prob else (default, distractor)
+    assert np.array_equal(item["d_feat"].numpy(), d_expected)
+    assert np.array_equal(item["n_feat"].numpy(), n_expected)
+    assert ("nonsemantic" in item["d_img_path"]) == bool(swap_prob)
+
+
+def test_validation_never_swaps(tiny_data):
+    ds = RCCDataset(tiny_cfg(tiny_data, **{"data.swap_prob": 1.0}), "val")
+    assert "CLEVR_default_" in ds[0]["d_img_path"]
+
+
+def _signature(ds):
+    return [(bool("nonsemantic" in it["d_img_path"]), it["pos_labels"].tolist(),
+             it["neg_labels"].tolist()) for it in (ds[i] for i in range(len(ds)))]
+
+
+def test_set_epoch_is_deterministic(tiny_data):
+    cfg = tiny_cfg(tiny_data, **{"data.train.seq_per_img": 2})
+    a, b = RCCDataset(cfg, "train"), RCCDataset(cfg, "train")
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert _signature(a) == _signature(b)
+    b.set_epoch(4)
+    assert _signature(a) != _signature(b)
+    order = lambda seed: [x["image_id"].tolist() for x in build_dataloader(  # noqa: E731
+        cfg, "train", shuffle=True, epoch_seed=seed, dataset=a)]
+    assert order(5) == order(5) and order(5) != order(6)
+
+
+def test_in_memory_matches_files(tiny_data):
+    on_disk = RCCDataset(tiny_cfg(tiny_data, **{"data.swap_prob": 0.0}), "val")
+    cached = RCCDataset(tiny_cfg(tiny_data, **{"data.swap_prob": 0.0,
+                                               "data.in_memory": True}), "val")
+    for key in ("d_feat", "n_feat", "q_feat"):
+        assert torch.equal(on_disk[1][key], cached[1][key])
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.fixture
+def copied(tiny_data, tmp_path):
+    """A writable copy of the feature folders and label file; returns (paths, cfg maker)."""
+    paths = dict(tiny_data)
+    for key in ("features", "sc_features", "nsc_features", "h5", "splits"):
+        target = str(tmp_path / os.path.basename(tiny_data[key]))
+        (shutil.copytree if os.path.isdir(tiny_data[key]) else shutil.copy)(tiny_data[key], target)
+        paths[key] = target
+    return paths
+
+
+def test_missing_feature_folder(copied):
+    shutil.rmtree(copied["sc_features"])
+    with pytest.raises(DataError, match="sc_features does not exist.*extract_features.py"):
+        RCCDataset(tiny_cfg(copied), "train")
+
+
+def test_missing_label_file_names_the_command(copied):
+    os.remove(copied["h5"])
+    with pytest.raises(DataError, match="preprocess_captions_transformer.py"):
+        RCCDataset(tiny_cfg(copied), "train")
+
+
+def test_feature_folders_with_different_ids(copied):
+    os.remove(os.path.join(copied["nsc_features"], "CLEVR_nonsemantic_000005.png.npy"))
+    with pytest.raises(DataError, match=r"different scene ids .*\[5\]"):
+        RCCDataset(tiny_cfg(copied), "train")
+
+
+def test_split_id_without_features(copied):
+    with open(copied["splits"]) as f:
+        splits = json.load(f)
+    splits["train"].append(123)
+    with open(copied["splits"], "w") as f:
+        json.dump(splits, f)
+    with pytest.raises(DataError, match=r"no feature file .*\[123\]"):
+        RCCDataset(tiny_cfg(copied), "train")
+
+
+def test_wrong_shape_checked_up_front_and_on_load(copied):
+    ds_ids = RCCDataset(tiny_cfg(copied), "train").ids
+    first = os.path.join(copied["sc_features"], "CLEVR_semantic_%06d.png.npy" % ds_ids[0])
+    np.save(first, np.zeros((256, 2, 2), dtype=np.float32))
+    with pytest.raises(DataError, match="disagree on the feature shape"):
+        RCCDataset(tiny_cfg(copied), "train")
+    np.save(first, np.zeros((256, 4, 4), dtype=np.float32))
+    later = os.path.join(copied["features"], "CLEVR_default_%06d.png.npy" % ds_ids[1])
+    np.save(later, np.zeros((256, 4, 4), dtype=np.float64))
+    ds = RCCDataset(tiny_cfg(copied, **{"data.swap_prob": 0.0}), "train")
+    with pytest.raises(DataError, match="float64"):
+        ds[1]
+    with open(later, "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(DataError, match="cannot be read"):
+        ds[1]
+
+
+def test_h5_lacking_a_dataset(copied):
+    with h5py.File(copied["h5"], "a") as f:
+        del f["neg_label_length"]
+    with pytest.raises(DataError, match="neg_label_length"):
+        RCCDataset(tiny_cfg(copied), "train")
+
+
+def test_captions_longer_than_seq_length(tiny_data):
+    with pytest.raises(DataError, match="model.speaker.seq_length"):
+        RCCDataset(tiny_cfg(tiny_data, **{"model.speaker.seq_length": 8}), "train")
+
+
+def test_empty_split_after_max_samples(tiny_data):
+    with pytest.raises(DataError, match="max_samples"):
+        RCCDataset(tiny_cfg(tiny_data, **{"data.val.max_samples": 0}), "val")

@@ -1,0 +1,83 @@
+"""Feature extraction with random weights on a few tiny images."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import extract_features
+from extract_features import ExtractError, build_model, calibrate_batchnorm, extract, main
+
+
+@pytest.fixture
+def few_images(tiny_data, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in sorted(os.listdir(tiny_data["images"]))[:5]:
+        with open(os.path.join(tiny_data["images"], name), "rb") as f:
+            (folder / name).write_bytes(f.read())
+    return folder
+
+
+def test_names_shape_dtype_and_resume(few_images, tmp_path):
+    out = tmp_path / "features"
+    stats = extract(str(few_images), str(out), batch_size=2, image_height=64, image_width=96,
+                    model_name="resnet18", weights="random", device="cpu", progress=False)
+    names = sorted(os.listdir(out))
+    assert names == sorted(n + ".npy" for n in os.listdir(few_images))
+    feat = np.load(out / names[0])
+    assert feat.dtype == np.float32 and feat.shape == (256, 4, 6)  # layer3: stride 16
+    assert stats["written"] == 5 and 0.1 < stats["std"] < 100
+    # A second run skips what exists; a deleted file is redone identically (same seed).
+    os.remove(out / names[0])
+    again = extract(str(few_images), str(out), batch_size=2, image_height=64, image_width=96,
+                    model_name="resnet18", weights="random", device="cpu", progress=False)
+    assert again["written"] == 1 and again["skipped"] == 4
+    np.testing.assert_allclose(np.load(out / names[0]), feat, rtol=1e-5, atol=1e-5)
+
+
+def test_output_grid_pools(few_images, tmp_path):
+    out = tmp_path / "pooled"
+    main(["--input_image_dir", str(few_images), "--output_dir", str(out), "--model", "resnet18",
+          "--weights", "random", "--image_height", "64", "--image_width", "64",
+          "--output_grid", "2x3", "--max_images", "2", "--device", "cpu"])
+    names = os.listdir(out)
+    assert len(names) == 2 and np.load(out / names[0]).shape == (256, 2, 3)
+
+
+def test_batchnorm_calibration_tames_random_network():
+    # Residual branches pile up: ResNet-50 layer3 reaches std ~12 with the default statistics
+    # (ResNet-101: ~3000).
+    torch.manual_seed(0)
+    model = build_model("resnet50", 3, "random", seed=0)
+    images = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        raw = model(images).std().item()
+    calibrate_batchnorm(model, [images])
+    with torch.no_grad():
+        calibrated = model(images).std().item()
+    assert calibrated < 3 and raw > 5 * calibrated
+
+
+def test_imagenet_weights_unavailable_names_the_file(monkeypatch, few_images, tmp_path):
+    def offline(self, *args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(ExtractError) as err:
+        build_model("resnet18", 3, "imagenet")
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", "resnet18-f37072fd.pth")
+    assert target in str(err.value) and "--weights random" in str(err.value)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, few_images, capsys):
+    with pytest.raises(ExtractError, match="does not exist"):
+        extract(str(tmp_path / "nope"), str(tmp_path / "out"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input_image_dir", str(few_images), "--output_dir", str(tmp_path / "o"),
+              "--model", "resnet18", "--weights", str(tmp_path / "missing.pth")])
+    assert exit_info.value.code == 2 and "missing.pth" in capsys.readouterr().err
+    (few_images / "CLEVR_default_999999.png").write_bytes(b"not a png")
+    with pytest.raises(ExtractError, match="CLEVR_default_999999.png"):
+        extract_features.load_image(str(few_images / "CLEVR_default_999999.png"), 32, 32)
