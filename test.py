@@ -8,13 +8,12 @@ import os
 import sys
 
 from tqdm import tqdm
-from yacs.config import CfgNode
 
 from configs.defaults import ConfigError, load_config
 from train import make_loader, write_json
-from utils.checkpoint import SnapshotError, list_snapshots, load_snapshot, load_weights, snapshot_path
+from utils.checkpoint import SnapshotError
 from utils.dataset import DataError, RCCDataset
-from utils.engine import CaptionModel, generate_captions
+from utils.engine import generate_captions, load_trained_model
 from utils.utils import select_device
 
 
@@ -29,32 +28,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def model_config(cfg, snapshot):
-    """The config for rebuilding the model: the snapshot's model keys, this run's data and device keys."""
-    merged = cfg.clone()
-    merged.defrost()
-    merged.model = CfgNode(snapshot["config"]["model"])
-    merged.freeze()
-    return merged
-
-
 def run_test(cfg, iteration, beam_size=1, split="test"):
     device = select_device(cfg.gpu_id)
     print(f"device: {device}")
-    path = snapshot_path(cfg, iteration)
-    if not os.path.isfile(path):
-        available = list_snapshots(cfg)
-        raise SnapshotError(f"no snapshot for iteration {iteration} ({path}); available: "
-                            + (", ".join(map(str, available)) if available else "none — train first"))
-    snapshot = load_snapshot(path)
-    cfg = model_config(cfg, snapshot)
-    model = CaptionModel(cfg)
-    load_weights(model.change_detector, snapshot["change_detector_state"], "change_detector_state", path)
-    load_weights(model.speaker, snapshot["speaker_state"], "speaker_state", path)
-    model.to(device).eval()
-
+    model, idx_to_word, cfg = load_trained_model(cfg, iteration, device)
     dataset = RCCDataset(cfg, split)
-    idx_to_word = {index: word for word, index in snapshot["vocab"].items()}
     loader = make_loader(dataset, cfg, device, batch_size=cfg.data[split].batch_size)
     with tqdm(total=len(dataset), desc=f"captioning {split}", unit="scene") as progress:
         sc_results, nsc_results = generate_captions(model, loader, idx_to_word, device,

@@ -1,7 +1,6 @@
 """Train SCORER + CBR: python train.py --cfg configs/dynamic/transformer_quick.yaml [KEY VALUE ...]"""
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -223,8 +222,8 @@ def do_train(cfg, resume=False):
                     tqdm.write(message + "; batch skipped")
                     optimizer.zero_grad(set_to_none=True)
                     continue
-                raise TrainingError(message + f"; the last good snapshot is kept. Lower train.optim.lr, "
-                                    f"set train.grad_clip, or set train.on_nonfinite_loss skip")
+                raise TrainingError(message + "; the last good snapshot is kept. Lower train.optim.lr, "
+                                    "set train.grad_clip, or set train.on_nonfinite_loss skip")
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             if cfg.train.grad_clip > 0:

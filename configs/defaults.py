@@ -29,6 +29,7 @@ _C.model.change_detector.grid = 14  # largest H and W the learned position embed
 _C.model.change_detector.dropout = 0.1  # dropout on attention maps and after embed_fc
 _C.model.change_detector.mtm = "sum"  # "sum": dot product over all heads (reference); "per_head": mean of per-head TMs
 _C.model.change_detector.mtm_chunk = 16  # batch rows per MTM chunk: bounds the B x B x N x N memory
+_C.model.change_detector.mtm_sparse_backward = True  # MTM backward from the argmax indices (same result, faster)
 
 _C.model.speaker = CN()  # the transformer decoder (models/transformer_decoder.py: Speaker)
 _C.model.speaker.word_dim = 300  # word embedding width
@@ -140,7 +141,8 @@ def _coerce(value, default, key, source):
                       f"got {type(value).__name__} {value!r}")
 
 
-def _merge(cfg, data, source, prefix=""):
+def merge_dict(cfg, data, source, prefix=""):
+    """Merges nested dict ``data`` into the unfrozen ``cfg``, checking keys and types (source names the origin)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys, "
                           f"got {type(data).__name__}")
@@ -150,7 +152,7 @@ def _merge(cfg, data, source, prefix=""):
             raise ConfigError(f"{source}: unknown config key '{full_key}'; the keys are listed with "
                               f"comments in configs/defaults.py")
         if isinstance(cfg[key], CN):
-            _merge(cfg[key], value, source, full_key + ".")
+            merge_dict(cfg[key], value, source, full_key + ".")
         else:
             cfg[key] = _coerce(value, cfg[key], full_key, source)
 
@@ -174,7 +176,7 @@ def load_config(cfg_file=None, overrides=()):
                 data = yaml.safe_load(handle)
             except yaml.YAMLError as err:
                 raise ConfigError(f"{cfg_file} is not valid YAML: {err}") from None
-        _merge(cfg, data or {}, cfg_file)
+        merge_dict(cfg, data or {}, cfg_file)
     overrides = list(overrides)
     if len(overrides) % 2:
         raise ConfigError(f"command-line overrides come in KEY VALUE pairs; got {overrides}")
@@ -182,7 +184,7 @@ def load_config(cfg_file=None, overrides=()):
         nested = _parse_value(text)
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        _merge(cfg, nested, "command line")
+        merge_dict(cfg, nested, "command line")
     for key, allowed in _CHOICES.items():
         value = cfg
         for part in key.split("."):

@@ -26,6 +26,7 @@ class ContraAttention(nn.Module):
         super().__init__()
         d = cfg.model.cbr.att_dim
         self.mtm_chunk = cfg.model.change_detector.mtm_chunk
+        self.sparse_backward = cfg.model.change_detector.mtm_sparse_backward
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
@@ -33,7 +34,7 @@ class ContraAttention(nn.Module):
     def forward(self, hal_tokens, aft_tokens):
         """hal_tokens, aft_tokens: (B, N, d) -> S (B, B)."""
         return token_wise_similarity(self.query(hal_tokens), self.key(aft_tokens), self.logit_scale,
-                                     heads=1, chunk=self.mtm_chunk)
+                                     heads=1, chunk=self.mtm_chunk, sparse_backward=self.sparse_backward)
 
 
 class CBR(nn.Module):

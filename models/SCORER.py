@@ -21,24 +21,75 @@ class AddSpatialInfo(nn.Module):
         return torch.cat([img_feat, x, y], dim=1)
 
 
-def token_wise_similarity(q, k, logit_scale, heads=1, chunk=16):
+class _MeanMaxSimilarity(torch.autograd.Function):
+    """Token-wise matching of every pair in a batch, (B, B), with a backward that needs no scores.
+
+    The gradient of a max flows only to its argmax, so backward rebuilds dq and dk from the
+    saved indices with one sparse product of 2*B*B*N entries instead of the dense
+    (B, B, N, M) score tensor that plain autograd would keep and multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, chunk):
+        """q: (B, N, D), k: (B, M, D) -> (B, B) = (mean_i max_j e + mean_j max_i e) / 2."""
+        sims, t2v_idx, v2t_idx = [], [], []
+        for start in range(0, q.size(0), chunk):
+            scores = torch.einsum("aid,bjd->abij", q[start:start + chunk], k)  # (c, B, N, M)
+            t2v, t2v_arg = scores.max(dim=-1)  # (c, B, N)
+            v2t, v2t_arg = scores.max(dim=-2)  # (c, B, M)
+            sims.append((t2v.mean(dim=-1) + v2t.mean(dim=-1)) / 2)  # (c, B)
+            t2v_idx.append(t2v_arg)
+            v2t_idx.append(v2t_arg)
+        ctx.save_for_backward(q, k, torch.cat(t2v_idx), torch.cat(v2t_idx))
+        return torch.cat(sims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, t2v_idx, v2t_idx = ctx.saved_tensors
+        B, N, D = q.shape
+        M = k.size(1)
+        device = q.device
+        a = torch.arange(B, device=device).view(B, 1, 1)
+        b = torch.arange(B, device=device).view(1, B, 1)
+        i = torch.arange(N, device=device).view(1, 1, N)
+        j = torch.arange(M, device=device).view(1, 1, M)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # no sparse products in half precision
+        grad = grad.to(dtype)
+        # W[(a, i), (b, j)] holds d S[a, b] / d e[a, b, i, j]: one entry per max taken.
+        rows = torch.cat([(a * N + i).expand(B, B, N).reshape(-1), (a * N + v2t_idx).reshape(-1)])
+        cols = torch.cat([(b * M + t2v_idx).reshape(-1), (b * M + j).expand(B, B, M).reshape(-1)])
+        values = torch.cat([(grad / (2 * N)).unsqueeze(-1).expand(B, B, N).reshape(-1),
+                            (grad / (2 * M)).unsqueeze(-1).expand(B, B, M).reshape(-1)])
+        weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (B * N, B * M),
+                                          check_invariants=False)  # indices are in range by construction
+        grad_q = torch.sparse.mm(weights, k.reshape(B * M, D).to(dtype)).view(B, N, D)  # (B, N, D)
+        grad_k = torch.sparse.mm(weights.t(), q.reshape(B * N, D).to(dtype)).view(B, M, D)  # (B, M, D)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), None
+
+
+def _mean_max_similarity_dense(q, k, chunk):
+    """The same similarity in plain autograd ops (the straightforward formulation)."""
+    sims = []
+    for start in range(0, q.size(0), chunk):
+        scores = torch.einsum("aid,bjd->abij", q[start:start + chunk], k)  # (c, B, N, M)
+        sims.append((scores.max(dim=-1).values.mean(dim=-1) + scores.max(dim=-2).values.mean(dim=-1)) / 2)
+    return torch.cat(sims)  # (B, B)
+
+
+def token_wise_similarity(q, k, logit_scale, heads=1, chunk=16, sparse_backward=True):
     """Token-wise matching of every pair in the batch: S[a, b] = exp(scale) * (t2v + v2t) / 2.
 
     q, k: (B, N, d) projected queries and keys. With heads == 1 the dot product runs over the full
     d (the reference's MTM); with heads > 1 it is the mean over heads of per-head TMs. Rows of the
-    batch are processed ``chunk`` at a time so the (B, B, N, N) score tensor never exists whole;
-    max only keeps its indices for backward, so each chunk's scores are freed at once.
+    batch are processed ``chunk`` at a time so the (B, B, N, N) score tensor never exists whole.
+    sparse_backward picks the argmax-only backward; False keeps plain autograd (same values).
     """
     B, N, d = q.shape
     qh = q.view(B, N, heads, d // heads).transpose(1, 2)  # (B, h, N, dh)
-    kh = k.view(k.size(0), k.size(1), heads, d // heads).transpose(1, 2)  # (B, h, N, dh)
-    rows = []
-    for start in range(0, B, chunk):
-        scores = torch.einsum("ahid,bhjd->abhij", qh[start:start + chunk], kh)  # (c, B, h, N, N)
-        t2v = scores.max(dim=-1).values.mean(dim=-1)  # (c, B, h)
-        v2t = scores.max(dim=-2).values.mean(dim=-1)  # (c, B, h)
-        rows.append(((t2v + v2t) / 2).mean(dim=-1))  # (c, B)
-    return logit_scale.exp() * torch.cat(rows, dim=0)  # (B, B)
+    kh = k.view(k.size(0), k.size(1), heads, d // heads).transpose(1, 2)  # (B, h, M, dh)
+    similarity = _MeanMaxSimilarity.apply if sparse_backward else _mean_max_similarity_dense
+    per_head = [similarity(qh[:, h], kh[:, h], chunk) for h in range(heads)]  # h x (B, B)
+    return logit_scale.exp() * torch.stack(per_head).mean(dim=0)  # (B, B)
 
 
 class Attention(nn.Module):
@@ -54,6 +105,7 @@ class Attention(nn.Module):
         self.head_dim = enc.att_dim // enc.att_head
         self.mtm_heads = enc.att_head if enc.mtm == "per_head" else 1
         self.mtm_chunk = enc.mtm_chunk
+        self.sparse_backward = enc.mtm_sparse_backward
         self.query = nn.Linear(enc.att_dim, enc.att_dim)
         self.key = nn.Linear(enc.att_dim, enc.att_dim)
         self.value = nn.Linear(enc.att_dim, enc.att_dim)
@@ -70,7 +122,8 @@ class Attention(nn.Module):
         # Only the last block's S enters the loss; the caller asks for it there alone.
         sim = None
         if compute_similarity:
-            sim = token_wise_similarity(q, k, self.logit_scale, self.mtm_heads, self.mtm_chunk)
+            sim = token_wise_similarity(q, k, self.logit_scale, self.mtm_heads, self.mtm_chunk,
+                                        self.sparse_backward)
 
         # == To Implement == Attention: multi-head scaled dot-product reconstruction
         # Given the projected q, k, v of shape (B, N, d):

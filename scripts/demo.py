@@ -8,7 +8,7 @@ Stages (each skipped when its output is already there, so a second run is quick)
   5. train configs/dynamic/transformer_demo.yaml -> experiments/demo/
   6. caption the test split with the best snapshot (test.py)
   7. evaluate validation and test captions (evaluate.py)
-  8. draw triplet figures and write the report, when those tools exist
+  8. draw triplet figures and write the hand-in report -> experiments/demo/report/
 Run it with `make demo` (DEMO_SCENES=N scales it) or `python scripts/demo.py --num_scenes N`.
 """
 import argparse
@@ -158,6 +158,10 @@ def main():
           lambda: run(python("evaluate.py", "--results_dir", f"{EXPERIMENT}/test_output/captions", "--anno",
                              anno, "--type_file", types), "evaluate test"))
 
+    stage("8. triplet figures and hand-in report",
+          lambda: os.path.exists(os.path.join(ROOT, EXPERIMENT, "report", "report.html")),
+          lambda: run(python("scripts/make_report.py", "--cfg", CONFIG), "report"))
+
     print("\n== time per stage")
     for name, seconds in timings:
         print(f"  {seconds:7.1f} s  {name}")
@@ -167,10 +171,10 @@ def main():
 
 def report_scores(path):
     with open(path) as handle:
-        results = json.load(handle)
-    test = results["results"]["test"]
-    figures = {"CIDEr": test["total"]["CIDEr"], "no_change_rate": test["change_detection"]["no_change_rate"],
-               "right_type_rate": test["change_detection"]["right_type_rate"]}
+        test = json.load(handle)["folders"]["test"]
+    figures = {"CIDEr": 100 * test["scores"]["total"]["CIDEr"],
+               "no_change_rate": test["change_detection"]["distractor_no_change"],
+               "right_type_rate": test["change_detection"]["change_type_correct"]}
     print("\n== test split scores")
     for name, value in figures.items():
         verdict = "meets" if value >= TARGETS[name] else "BELOW"

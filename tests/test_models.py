@@ -319,3 +319,20 @@ def test_every_default_key_has_a_comment():
         for line in handle:
             if line.startswith("_C.") and "= CN()" not in line:
                 assert "#" in line, f"no comment on: {line.strip()}"
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_sparse_mtm_backward_equals_autograd(heads):
+    torch.manual_seed(11)
+    q = torch.randn(5, 6, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 4, 8, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, 5, dtype=torch.float64)
+    grads = []
+    for sparse in (True, False):
+        sim = token_wise_similarity(q, k, scale, heads=heads, chunk=2, sparse_backward=sparse)
+        grads.append((sim, *torch.autograd.grad((sim * weights).sum(), (q, k, scale))))
+    for fast, plain in zip(*grads):
+        assert torch.allclose(fast, plain, atol=1e-12)
+    small_q, small_k = q[:3, :3, :4].detach().requires_grad_(), k[:3, :2, :4].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: token_wise_similarity(a, b, scale.detach(), heads, 2), (small_q, small_k))

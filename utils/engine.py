@@ -1,12 +1,15 @@
 """The pieces train.py and test.py share: building the model, one batch's losses, caption generation."""
 import contextlib
+import os
 
 import torch
 import torch.nn as nn
 
+from configs.defaults import get_cfg_defaults, merge_dict
 from models.CBR import CBR
 from models.SCORER import AddSpatialInfo, ChangeDetector
 from models.transformer_decoder import Speaker
+from utils.checkpoint import SnapshotError, list_snapshots, load_snapshot, load_weights, snapshot_path
 from utils.utils import CrossEn, caption_loss, decode_sequence, labels_with_ignore
 
 
@@ -99,3 +102,31 @@ def generate_captions(model, loader, idx_to_word, device, beam_size=1, amp="none
     finally:
         model.train(was_training)
     return sc_results, nsc_results
+
+
+def model_config(cfg, snapshot, path):
+    """The config for rebuilding a snapshot's model: its model keys over the defaults (so keys added
+    since it was written keep their default), this run's data and device keys."""
+    merged = cfg.clone()
+    merged.defrost()
+    merged.model = get_cfg_defaults().model
+    merge_dict(merged.model, snapshot["config"]["model"], f"{path} (its stored config)", "model.")
+    merged.freeze()
+    return merged
+
+
+def load_trained_model(cfg, iteration, device):
+    """(model in eval mode, idx_to_word, model config) rebuilt from the experiment's snapshot ``iteration``."""
+    path = snapshot_path(cfg, iteration)
+    if not os.path.isfile(path):
+        available = list_snapshots(cfg)
+        raise SnapshotError(f"no snapshot for iteration {iteration} ({path}); available: "
+                            + (", ".join(map(str, available)) if available else "none — train first"))
+    snapshot = load_snapshot(path)
+    cfg = model_config(cfg, snapshot, path)
+    model = CaptionModel(cfg)
+    load_weights(model.change_detector, snapshot["change_detector_state"], "change_detector_state", path)
+    load_weights(model.speaker, snapshot["speaker_state"], "speaker_state", path)
+    model.to(device).eval()
+    idx_to_word = {index: word for word, index in snapshot["vocab"].items()}
+    return model, idx_to_word, cfg

@@ -1,0 +1,458 @@
+"""Collect one experiment into a report: scores, training curves and triplet figures.
+
+    python scripts/make_report.py --cfg configs/dynamic/transformer.yaml \
+        [--exp_dir experiments/<exp_name>] [--snapshot ITER] [--no_figures] [KEY VALUE ...]
+
+Reads what the other tools wrote under the experiment folder (<exp_dir>/<exp_name> by default):
+  eval_sents/eval_results.json          validation scores per snapshot (evaluate.py), else the
+                                        "val" records of metrics.jsonl (BLEU-4 and CIDEr only)
+  test_output/captions/eval_results.json  test scores (test.py, then evaluate.py)
+  metrics.jsonl                         training curves
+  figures/                              triplet figures; when none are there, one per change type
+                                        is drawn with scripts/visualize.py
+and writes report/report.md (images by relative path), report/report.html (images embedded)
+and report/training_curves.png. A piece that is missing is named in the report with the command
+that makes it.
+"""
+import argparse
+import base64
+import html
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import visualize  # noqa: E402
+from configs.defaults import ConfigError, load_config  # noqa: E402
+from utils.checkpoint import SnapshotError, list_snapshots  # noqa: E402
+from utils.dataset import CHANGE_TYPES, DataError  # noqa: E402
+
+SHOWN_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+VAL_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+TEST_ROWS = ("total", "semantic", "non_semantic") + CHANGE_TYPES
+LOSSES = ("total", "caption", "cross_view", "cross_modal")
+
+
+class ReportError(ValueError):
+    """An input file that exists but cannot be used; the message names it."""
+
+
+def _read_json(path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not valid JSON ({err}); re-create it with the tool that "
+                          f"wrote it (evaluate.py, train.py)") from None
+
+
+def _pct(value):
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _iteration_of(folder):
+    match = re.search(r"(\d+)$", folder)
+    return int(match.group(1)) if match else None
+
+
+def read_metrics(path):
+    """(train records, val records, skipped lines) of metrics.jsonl; the last record per iteration wins."""
+    train, val, skipped = {}, {}, 0
+    with open(path) as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1  # a line cut short by a crash; the rest of the file is still good
+                continue
+            target = {"train": train, "val": val}.get(record.get("split"))
+            if target is not None and "iteration" in record:
+                target[record["iteration"]] = record
+    return ([train[k] for k in sorted(train)], [val[k] for k in sorted(val)], skipped)
+
+
+def validation_scores(exp_root):
+    """Scores of every snapshot scored by evaluate.py: {"source", "metrics", "rows", "best"} or None."""
+    path = os.path.join(exp_root, "eval_sents", "eval_results.json")
+    if not os.path.isfile(path):
+        return None
+    report = _read_json(path)
+    try:
+        rows = []
+        for folder, rep in report["folders"].items():
+            scores = rep["scores"]
+            rows.append({"iteration": _iteration_of(folder), "folder": folder,
+                         **{name: scores["total"].get(name) for name in VAL_METRICS},
+                         "semantic CIDEr": scores["semantic"].get("CIDEr"),
+                         "distractor CIDEr": scores["non_semantic"].get("CIDEr"),
+                         "no-change rate": rep["change_detection"]["distractor_no_change"],
+                         "right-type rate": rep["change_detection"]["change_type_correct"]})
+        top = report["best"]["total"]["CIDEr"]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ReportError(f"{path} lacks {err} where evaluate.py writes it; re-run evaluate.py on "
+                          f"{os.path.dirname(path)}") from None
+    rows.sort(key=lambda r: (r["iteration"] is None, r["iteration"] or 0))
+    best = next((r for r in rows if top and r["folder"] == top["folder"]), None)
+    return {"source": path, "rows": rows, "best": best,
+            "metrics": list(VAL_METRICS) + ["semantic CIDEr", "distractor CIDEr", "no-change rate",
+                                            "right-type rate"]}
+
+
+def test_scores(exp_root):
+    """{"source", "folder", "scores", "change_detection", "metrics", "others"} or None."""
+    path = os.path.join(exp_root, "test_output", "captions", "eval_results.json")
+    if not os.path.isfile(path):
+        return None
+    report = _read_json(path)
+    try:
+        folders = list(report["folders"])
+        if not folders:
+            raise KeyError("result folders")
+        folder = "test" if "test" in folders else folders[0]
+        rep = report["folders"][folder]
+        missing = [row for row in TEST_ROWS if row not in rep["scores"]]
+        if missing:
+            raise KeyError(f"the scores of {missing}")
+        return {"source": path, "folder": folder, "scores": rep["scores"],
+                "change_detection": rep["change_detection"],
+                "metrics": [m for m in SHOWN_METRICS if m in report["metrics"]],
+                "others": [f for f in folders if f != folder]}
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ReportError(f"{path} lacks {err} where evaluate.py writes it; re-run evaluate.py on "
+                          f"{os.path.dirname(path)}") from None
+
+
+def plot_curves(train, val, out_path):
+    """Losses, logit scales, learning rate and validation scores against the iteration."""
+    if not train and not val:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), dpi=100)
+    (ax_loss, ax_scale), (ax_lr, ax_val) = axes
+    its = [r["iteration"] for r in train]
+    for name in LOSSES:
+        values = [r.get(name) for r in train]
+        if its and all(v is not None and v > 0 for v in values):
+            ax_loss.plot(its, values, label=name, linewidth=1.8)
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("training losses (log scale)")
+    for name in ("logit_scale_encoder", "logit_scale_cbr"):
+        values = [r.get(name) for r in train]
+        if its and all(v is not None for v in values):
+            ax_scale.plot(its, values, label=name.replace("logit_scale_", ""), linewidth=1.8)
+    ax_scale.set_title("logit scales (log of 1/temperature)")
+    if its and all("lr" in r for r in train):
+        ax_lr.plot(its, [r["lr"] for r in train], color="tab:purple", linewidth=1.8)
+        ax_lr.set_yscale("log")
+    ax_lr.set_title("learning rate")
+    val_its = [r["iteration"] for r in val]
+    for name, marker in (("BLEU-4", "o"), ("CIDEr", "s")):
+        values = [r.get(name) for r in val]
+        if val_its and all(v is not None for v in values):
+            ax_val.plot(val_its, [100 * v for v in values], marker=marker, label=name, linewidth=1.8)
+    ax_val.set_title("validation scores x 100 (changed + distractor pairs)")
+    for ax in axes.flat:
+        ax.set_xlabel("iteration", fontsize=12)
+        ax.title.set_fontsize(14)
+        ax.tick_params(labelsize=11)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=11)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, fontsize=14)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    tmp = f"{out_path}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def best_validation(exp_root, val_records):
+    """(iteration, how it was chosen) of the best validation snapshot, or (None, None)."""
+    best_file = os.path.join(exp_root, "best_snapshot.json")
+    if os.path.isfile(best_file):
+        iteration = _read_json(best_file).get("iteration")
+        if iteration is not None:
+            return iteration, "best_snapshot.json: highest validation CIDEr, chosen by train.py"
+    scored = [r for r in val_records if r.get("CIDEr") is not None]
+    if scored:
+        return max(scored, key=lambda r: r["CIDEr"])["iteration"], "highest validation CIDEr in metrics.jsonl"
+    return None, None
+
+
+def choose_snapshot(cfg, best):
+    """The best validation snapshot when its file exists, else the latest snapshot, else None."""
+    available = list_snapshots(cfg)
+    if best in available:
+        return best
+    return available[-1] if available else None
+
+
+def figure_entries(cfg, figures_dir, snapshot, draw):
+    """(entries of triplets.json, note): draws one figure per change type when the folder has none."""
+    has_png = os.path.isdir(figures_dir) and any(n.endswith(".png") for n in os.listdir(figures_dir))
+    note = ""
+    if not has_png and draw:
+        if snapshot is None:
+            return [], "No triplet figures: the experiment has no snapshot yet (train first)."
+        visualize.make_figures(cfg, snapshot, per_type=1, output_dir=figures_dir, attention=True)
+        note = f"Figures drawn now from snapshot {snapshot}, the first test scene of each change type."
+    index = os.path.join(figures_dir, visualize.INDEX_FILE)
+    if os.path.isfile(index):
+        entries = [e for e in _read_json(index) if os.path.isfile(os.path.join(figures_dir, e["file"]))]
+    elif has_png:
+        entries = [{"file": n} for n in sorted(os.listdir(figures_dir)) if n.endswith(".png")]
+    else:
+        entries = []
+    if not entries and not note:
+        note = (f"No triplet figures in {figures_dir}; draw them with python scripts/visualize.py "
+                f"--cfg CONFIG --snapshot ITER --per_type 1 --attention")
+    return entries, note
+
+
+def collect(cfg, exp_root, snapshot=None, draw_figures=True):
+    """Everything the report shows, as plain data."""
+    report_dir = os.path.join(exp_root, "report")
+    metrics_path = os.path.join(exp_root, "metrics.jsonl")
+    train, val_records, skipped = read_metrics(metrics_path) if os.path.isfile(metrics_path) else ([], [], 0)
+    val = validation_scores(exp_root)
+    test = test_scores(exp_root)
+    curves = plot_curves(train, val_records, os.path.join(report_dir, "training_curves.png"))
+    best, best_source = best_validation(exp_root, val_records)
+    best_snapshot = choose_snapshot(cfg, best)
+    figures_dir = os.path.join(exp_root, "figures")
+    entries, figure_note = figure_entries(cfg, figures_dir, snapshot or best_snapshot, draw_figures)
+    notes = []
+    if not os.path.isfile(metrics_path):
+        notes.append(f"No training log: {metrics_path} does not exist (train.py writes it).")
+    if skipped:
+        notes.append(f"{skipped} unreadable line(s) of {metrics_path} were skipped.")
+    return {"exp_root": exp_root, "report_dir": report_dir, "exp_name": cfg.exp_name,
+            "train": train, "val_records": val_records, "val": val, "test": test,
+            "best": best, "best_source": best_source,
+            "anno": cfg.data.anno_json, "types": cfg.data.type_mapping_json, "curves": curves, "snapshot": best_snapshot,
+            "figures_dir": figures_dir, "figures": entries, "figure_note": figure_note, "notes": notes}
+
+
+# --------------------------------------------------------------------------- rendering
+
+def _tables(info):
+    """The report's tables as (heading, header row, rows, note) in display order."""
+    tables = []
+    if info["val_records"]:
+        header = ["iteration", "BLEU-4", "CIDEr"]
+        rows = [[str(r["iteration"]) + (" (best)" if r["iteration"] == info["best"] else ""),
+                 _pct(r.get("BLEU-4")), _pct(r.get("CIDEr"))] for r in info["val_records"]]
+        note = ("Scores x 100 computed by train.py at each snapshot on all validation captions "
+                "(changed + distractor pairs); source metrics.jsonl.")
+        if info["best"] is not None:
+            note += f" Best snapshot: iteration {info['best']} ({info['best_source']})."
+        tables.append(("Validation scores during training", header, rows, note))
+    val = info["val"]
+    if val:
+        header = ["iteration"] + val["metrics"]
+        rows = [[str(r["iteration"])] + [_pct(r.get(m)) for m in val["metrics"]] for r in val["rows"]]
+        best = val["best"]
+        note = (f"Scores x 100 on all validation captions (changed + distractor pairs) unless named; "
+                f"rates in %; source {val['source']}.")
+        if best:
+            note += (f" Best by CIDEr: iteration {best['iteration']} (CIDEr {_pct(best['CIDEr'])}, "
+                     f"BLEU-4 {_pct(best['Bleu_4'])}).")
+        unscored = sorted({r["iteration"] for r in info["val_records"]} - {r["iteration"] for r in val["rows"]})
+        if unscored:
+            note += (f" Not yet scored by evaluate.py: iterations {', '.join(map(str, unscored))}; re-run "
+                     f"evaluate.py on {os.path.dirname(val['source'])} to add them.")
+        tables.append(("Validation scores per snapshot (evaluate.py, all metrics)", header, rows, note))
+    test = info["test"]
+    if test:
+        header = ["pairs", "count"] + test["metrics"]
+        rows = [[name.replace("non_semantic", "distractor"), str(test["scores"][name]["count"])]
+                + [_pct(test["scores"][name][m]) for m in test["metrics"]] for name in TEST_ROWS]
+        note = (f"Scores x 100 of the captions in test_output/captions/{test['folder']}; source "
+                f"{test['source']}. SPICE is '-' where it could not run offline. The snapshot that wrote "
+                f"the captions is the one passed to test.py (usually the best on validation).")
+        if test["others"]:
+            note += f" Other result folders there: {', '.join(test['others'])}."
+        tables.append(("Test scores", header, rows, note))
+        det = test["change_detection"]
+        header = ["figure", "value (%)"]
+        rows = [["distractor pairs captioned 'no change'", _pct(det["distractor_no_change"])],
+                ["changed pairs captioned as a change", _pct(det["change_detected"])],
+                ["changed pairs captioned as the right type", _pct(det["change_type_correct"])]]
+        rows += [[f"  right type: {t}", _pct(v)] for t, v in det["per_type_correct"].items()]
+        note = (f"Read off the generated captions by keyword rules (utils.eval_utils.classify_caption); "
+                f"{det['changed_pairs']} changed and {det['distractor_pairs']} distractor pairs.")
+        tables.append(("Change detection on the test split", header, rows, note))
+    return tables
+
+
+def _missing(info, cfg_path):
+    notes = list(info["notes"])
+    exp = info["exp_root"]
+    if not info["val_records"] and not info["val"]:
+        notes.append(f"No validation scores: neither 'val' records in {exp}/metrics.jsonl nor "
+                     f"{exp}/eval_sents/eval_results.json. Train past train.snapshot_interval.")
+    elif not info["val"]:
+        notes.append(f"Validation scored with BLEU-4 and CIDEr only: for every metric run python "
+                     f"evaluate.py --results_dir {exp}/eval_sents --anno {info['anno']} --type_file "
+                     f"{info['types']}.")
+    if not info["test"]:
+        iteration = info["snapshot"] if info["snapshot"] is not None else "ITER"
+        notes.append(f"No test scores yet: run python test.py --cfg {cfg_path} --snapshot {iteration}, "
+                     f"then python evaluate.py --results_dir {exp}/test_output/captions --anno {info['anno']} "
+                     f"--type_file {info['types']}.")
+    if not info["curves"]:
+        notes.append("No training curves: metrics.jsonl holds no records.")
+    if info["figure_note"] and not info["figures"]:
+        notes.append(info["figure_note"])
+    return notes
+
+
+def _summary_lines(info):
+    lines = [f"Experiment folder: {info['exp_root']}"]
+    train = info["train"]
+    if train:
+        speeds = [r["it_per_s"] for r in train if r.get("it_per_s")]
+        last = train[-1]
+        text = (f"Trained to iteration {last['iteration']} (last logged total loss {last['total']:.4f}, "
+                f"caption loss {last['caption']:.4f})")
+        if speeds:
+            text += f"; mean speed {sum(speeds) / len(speeds):.2f} it/s"
+        lines.append(text + ".")
+    if info["best"] is not None:
+        lines.append(f"Best validation snapshot: iteration {info['best']} ({info['best_source']}).")
+    return lines
+
+
+def _figure_caption(entry):
+    if "change_type" not in entry:
+        return entry["file"]
+    marks = ["right" if entry[k] else "wrong" for k in ("changed_right", "distractor_right")]
+    return (f"scene {entry['scene_id']:06d} ({entry['split']}, snapshot {entry['snapshot']}), change type "
+            f"{entry['change_type']}: changed pair \"{entry['changed_caption']}\" ({marks[0]}); distractor "
+            f"pair \"{entry['distractor_caption']}\" ({marks[1]})")
+
+
+def render_markdown(info, cfg_path):
+    out = [f"# Report: {info['exp_name']}", ""]
+    out += [f"- {line}" for line in _summary_lines(info)] + [""]
+    missing = _missing(info, cfg_path)
+    if missing:
+        out += ["## Missing pieces", ""] + [f"- {n}" for n in missing] + [""]
+    for heading, header, rows, note in _tables(info):
+        out += [f"## {heading}", "", "| " + " | ".join(header) + " |",
+                "|" + "|".join("---" for _ in header) + "|"]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+        out += ["", note, ""]
+    if info["curves"]:
+        rel = os.path.relpath(info["curves"], info["report_dir"])
+        out += ["## Training curves", "", f"![training curves]({rel})", ""]
+    if info["figures"]:
+        out += ["## Triplets: before, changed and distractor images with their captions", ""]
+        if info["figure_note"]:
+            out += [info["figure_note"], ""]
+        for entry in info["figures"]:
+            rel = os.path.relpath(os.path.join(info["figures_dir"], entry["file"]), info["report_dir"])
+            out += [f"![{entry['file']}]({rel})", "", _figure_caption(entry), ""]
+    return "\n".join(out)
+
+
+def _embed(path):
+    with open(path, "rb") as handle:
+        data = base64.b64encode(handle.read()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(path))}">'
+
+
+def render_html(info, cfg_path):
+    esc = html.escape
+    out = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+           f"<title>Report: {esc(info['exp_name'])}</title>",
+           "<style>body{font-family:sans-serif;max-width:1550px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:.25em .6em;"
+           "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+           ".note{color:#444}</style></head><body>",
+           f"<h1>Report: {esc(info['exp_name'])}</h1>", "<ul>"]
+    out += [f"<li>{esc(line)}</li>" for line in _summary_lines(info)] + ["</ul>"]
+    missing = _missing(info, cfg_path)
+    if missing:
+        out += ["<h2>Missing pieces</h2>", "<ul>"] + [f"<li>{esc(n)}</li>" for n in missing] + ["</ul>"]
+    for heading, header, rows, note in _tables(info):
+        out += [f"<h2>{esc(heading)}</h2>", "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)
+                + "</tr>"]
+        out += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        out += ["</table>", f"<p class=\"note\">{esc(note)}</p>"]
+    if info["curves"]:
+        out += ["<h2>Training curves</h2>", _embed(info["curves"])]
+    if info["figures"]:
+        out.append("<h2>Triplets: before, changed and distractor images with their captions</h2>")
+        if info["figure_note"]:
+            out.append(f"<p>{esc(info['figure_note'])}</p>")
+        for entry in info["figures"]:
+            out += [_embed(os.path.join(info["figures_dir"], entry["file"])),
+                    f"<p class=\"note\">{esc(_figure_caption(entry))}</p>"]
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def make_report(cfg, exp_root=None, snapshot=None, draw_figures=True, cfg_path="CONFIG"):
+    """Writes report.md and report.html under <exp_root>/report; returns their paths."""
+    exp_root = exp_root or os.path.join(cfg.exp_dir, cfg.exp_name)
+    if not os.path.isdir(exp_root):
+        raise ReportError(f"experiment folder {exp_root} does not exist; pass --exp_dir or the "
+                          f"exp_dir / exp_name the experiment was trained with")
+    if os.path.normpath(exp_root) != os.path.normpath(os.path.join(cfg.exp_dir, cfg.exp_name)):
+        # Snapshots are looked up from the config: point it at the folder given.
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.exp_dir, cfg.exp_name = os.path.split(os.path.normpath(exp_root))
+        cfg.freeze()
+    info = collect(cfg, exp_root, snapshot, draw_figures)
+    os.makedirs(info["report_dir"], exist_ok=True)
+    md_path = os.path.join(info["report_dir"], "report.md")
+    html_path = os.path.join(info["report_dir"], "report.html")
+    _write_atomic(md_path, render_markdown(info, cfg_path))
+    _write_atomic(html_path, render_html(info, cfg_path))
+    return md_path, html_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="the config the experiment was trained with")
+    parser.add_argument("--exp_dir", default=None, help="experiment folder (default <exp_dir>/<exp_name>)")
+    parser.add_argument("--snapshot", type=int, default=None,
+                        help="snapshot for new figures (default: best on validation)")
+    parser.add_argument("--no_figures", action="store_true", help="do not draw figures when none exist")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, args.opts)
+        paths = make_report(cfg, args.exp_dir, args.snapshot, not args.no_figures, args.cfg)
+    except (ConfigError, DataError, SnapshotError, ReportError, visualize.VisualizeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("wrote " + " and ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
