@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from configs.defaults import ConfigError, load_config
-from utils.checkpoint import (SnapshotError, capture_rng_state, config_to_dict, list_snapshots,
-                              load_snapshot, load_weights, restore_rng_state, save_snapshot,
-                              snapshot_path)
+from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, config_to_dict,
+                              list_snapshots, load_snapshot, load_weights, restore_rng_state,
+                              save_snapshot, snapshot_path)
 from utils.dataset import DataError, RCCDataset
 from utils.engine import CaptionModel, autocast_context, generate_captions, move_batch
-from utils.eval_utils import load_references, score_captions
+from utils.eval_utils import java_executable, load_references, score_captions
 from utils.logger import Dashboard
 from utils.utils import select_device, set_seed
 
@@ -157,6 +157,7 @@ def do_train(cfg, resume=False):
     val_set = RCCDataset(cfg, "val")
     cfg = prepare_config(cfg, train_set)
     references = load_references(cfg.data.anno_json)
+    java_executable()  # validation tokenizes with Java: fail now, not at the first snapshot
     with open(os.path.join(exp_root, "config.yaml"), "w") as handle:
         handle.write(cfg.dump())
 
@@ -173,7 +174,7 @@ def do_train(cfg, resume=False):
             raise TrainingError(f"--resume: no snapshot in {os.path.join(exp_root, 'snapshots')}; "
                                 f"start without --resume")
         path = snapshot_path(cfg, done[-1])
-        snapshot = load_snapshot(path)
+        snapshot = load_snapshot(path, required=SNAPSHOT_KEYS)
         load_weights(model.change_detector, snapshot["change_detector_state"], "change_detector_state", path)
         load_weights(model.speaker, snapshot["speaker_state"], "speaker_state", path)
         load_weights(model.cbr, snapshot["cbr_state"], "cbr_state", path)
@@ -205,6 +206,7 @@ def do_train(cfg, resume=False):
 
     previous_handler = signal.signal(signal.SIGTERM, on_signal)
     iteration = start_iteration
+    skipped_in_a_row = 0  # consecutive batches dropped by train.on_nonfinite_loss skip
     last_snapshot = None
     model.train()
     progress = tqdm(total=cfg.train.max_iter, initial=start_iteration, desc="train", dynamic_ncols=True)
@@ -219,11 +221,17 @@ def do_train(cfg, resume=False):
                 parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
                 message = (f"non-finite loss at iteration {iteration + 1} ({parts})")
                 if cfg.train.on_nonfinite_loss == "skip":
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= per_epoch:  # every batch fails: skipping would never end
+                        raise TrainingError(f"{message}: {skipped_in_a_row} batches in a row (an epoch) "
+                                            f"had a non-finite loss; check the features for NaN/Inf "
+                                            f"and lower train.optim.lr")
                     tqdm.write(message + "; batch skipped")
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 raise TrainingError(message + "; the last good snapshot is kept. Lower train.optim.lr, "
                                     "set train.grad_clip, or set train.on_nonfinite_loss skip")
+            skipped_in_a_row = 0
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             if cfg.train.grad_clip > 0:

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from models.SCORER import token_wise_similarity
 
@@ -49,6 +50,7 @@ class CBR(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv2d(d, d, kernel_size=1))
         self.contra = ContraAttention(cfg)
         self.cross_entropy = CrossEn()
+        self.recompute = cfg.train.recompute_attention
 
     def forward(self, bef_tokens, sent_hidden, aft_tokens, caption_mask):
         """bef_tokens, aft_tokens: (B, N, d); sent_hidden: (B, L, d); caption_mask: (B, L).
@@ -63,7 +65,12 @@ class CBR(nn.Module):
         sent_map = sentence.view(B, d, 1, 1).expand(B, d, N, 1)  # (B, d, N, 1)
         hallucinated = self.conv1(torch.cat([bef_map, sent_map], dim=1))  # (B, d, N, 1)
         hallucinated = hallucinated.squeeze(-1).transpose(1, 2)  # (B, N, d)
-        attended, _ = self.mh_att(hallucinated, hallucinated, hallucinated, need_weights=False)  # (B, N, d)
+        if self.recompute and torch.is_grad_enabled():
+            # The (B*h, N, N) attention weights are rebuilt in backward instead of being stored.
+            attended, _ = checkpoint(self.mh_att, hallucinated, hallucinated, hallucinated, need_weights=False,
+                                     use_reentrant=False)  # (B, N, d)
+        else:
+            attended, _ = self.mh_att(hallucinated, hallucinated, hallucinated, need_weights=False)  # (B, N, d)
         hal_tokens = self.conv2(attended.transpose(1, 2).unsqueeze(-1))  # (B, d, N, 1)
         hal_tokens = hal_tokens.squeeze(-1).transpose(1, 2)  # (B, N, d)
         sim = self.contra(hal_tokens, aft_tokens)  # (B, B)

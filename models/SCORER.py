@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class AddSpatialInfo(nn.Module):
@@ -106,6 +107,7 @@ class Attention(nn.Module):
         self.mtm_heads = enc.att_head if enc.mtm == "per_head" else 1
         self.mtm_chunk = enc.mtm_chunk
         self.sparse_backward = enc.mtm_sparse_backward
+        self.recompute = cfg.train.recompute_attention
         self.query = nn.Linear(enc.att_dim, enc.att_dim)
         self.key = nn.Linear(enc.att_dim, enc.att_dim)
         self.value = nn.Linear(enc.att_dim, enc.att_dim)
@@ -124,7 +126,16 @@ class Attention(nn.Module):
         if compute_similarity:
             sim = token_wise_similarity(q, k, self.logit_scale, self.mtm_heads, self.mtm_chunk,
                                         self.sparse_backward)
+        if self.recompute and torch.is_grad_enabled():
+            # The (B, h, N, N) probabilities are rebuilt in backward, with the same dropout mask.
+            context, attention_map = checkpoint(self.reconstruct, q, k, v, use_reentrant=False)
+        else:
+            context, attention_map = self.reconstruct(q, k, v)
+        output = self.layer_norm(context + query_states)
+        return output, sim, attention_map
 
+    def reconstruct(self, q, k, v):
+        """Projected q, k, v (B, N, d) -> (context (B, N, d), head-averaged attention map (B, N, N))."""
         # == To Implement == Attention: multi-head scaled dot-product reconstruction
         # Given the projected q, k, v of shape (B, N, d):
         #   1. split each into self.num_heads heads of size self.head_dim -> (B, h, N, dh)
@@ -142,9 +153,7 @@ class Attention(nn.Module):
         context = self.dropout(probs) @ vh  # (B, h, N, dh)
         context = context.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, d)
         # == End ==
-
-        output = self.layer_norm(context + query_states)
-        return output, sim, attention_map
+        return context, attention_map
 
 
 class SCORER(nn.Module):

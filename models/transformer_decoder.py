@@ -118,11 +118,15 @@ class CrossAttention(nn.Module):
         q = self.query(query_states)  # (B, L, d)
         if cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
+        elif cache is not None:
+            # Stored (N, B, d) in memory and seen as (B, N, d): splitting the heads then gives
+            # (B*h)-batched matrices without a copy, at each of the decoding steps.
+            k = self.key(key_states.transpose(0, 1)).transpose(0, 1)  # (B, N, d)
+            v = self.value(value_states.transpose(0, 1)).transpose(0, 1)  # (B, N, d)
+            cache["k"], cache["v"] = k, v
         else:
             k = self.key(key_states)  # (B, N, d)
             v = self.value(value_states)  # (B, N, d)
-            if cache is not None:
-                cache["k"], cache["v"] = k, v
 
         # == To Implement == Cross-attention
         # Same as self-attention without a mask: split q (B, L, d), k and v (B, N, d) into

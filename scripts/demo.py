@@ -20,11 +20,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "configs/dynamic/transformer_demo.yaml"
+CONFIG = os.path.join(ROOT, "configs/dynamic/transformer_demo.yaml")
+WORKDIR = ROOT  # data/demo and experiments/demo are relative to it (--workdir changes it)
 DATA = "data/demo"
 EXPERIMENT = "experiments/demo"
-RENDER_SIZE = ("160", "120")  # width, height of the rendered images
-FEATURE_INPUT = "112"  # square network input: ResNet-101 layer3 then gives a 7 x 7 grid
+RENDER_SIZE = ("128", "96")  # width, height of the rendered images
+# Random-weight ResNet-101 features (no ImageNet weights offline) keep colour and shape only in the
+# early stages: layer1 on a 112 x 112 input (28 x 28 grid), averaged down to 7 x 7 for CPU speed.
+FEATURE_ARGS = ("--image_height", "112", "--image_width", "112", "--model_stage", "1", "--output_grid", "7")
 IMAGE_FOLDERS = (("images", "features"), ("sc_images", "sc_features"), ("nsc_images", "nsc_features"))
 
 # Quality the demo must reach on the synthetic test split.
@@ -33,13 +36,14 @@ TARGETS = {"CIDEr": 60.0, "no_change_rate": 0.90, "right_type_rate": 0.70}
 
 def run(command, stage):
     print(f"  $ {' '.join(command)}", flush=True)
-    result = subprocess.run(command, cwd=ROOT)
+    result = subprocess.run(command, cwd=WORKDIR)
     if result.returncode:
         sys.exit(f"demo: stage '{stage}' failed (exit {result.returncode}); see the output above")
 
 
-def python(*args):
-    return [sys.executable, *args]
+def python(script, *args):
+    """A project script (by its absolute path: the demo may run in another working folder)."""
+    return [sys.executable, script if script == "-m" else os.path.join(ROOT, script), *args]
 
 
 def imagenet_weights_present():
@@ -63,9 +67,9 @@ def start_visdom(port):
         print(f"  a server already answers on port {port}: using it")
         return None
     run(python("scripts/setup_visdom_offline.py"), "visdom set-up")
-    log = open(os.path.join(ROOT, EXPERIMENT, "visdom_server.log"), "w")
+    log = open(os.path.join(WORKDIR, EXPERIMENT, "visdom_server.log"), "w")
     server = subprocess.Popen(python("-m", "visdom.server", "-port", str(port), "-hostname", "127.0.0.1"),
-                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                              cwd=WORKDIR, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(100):
         if port_open(port):
             break
@@ -76,7 +80,7 @@ def start_visdom(port):
 
 
 def best_iteration():
-    with open(os.path.join(ROOT, EXPERIMENT, "best_snapshot.json")) as handle:
+    with open(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")) as handle:
         return json.load(handle)["iteration"]
 
 
@@ -86,8 +90,11 @@ def main():
     parser.add_argument("--max_iter", type=int, default=None, help="override the demo config's iterations")
     parser.add_argument("--port", type=int, default=8097, help="visdom port")
     parser.add_argument("--no_visdom", action="store_true", help="train without the dashboard")
+    parser.add_argument("--workdir", default=ROOT, help="folder that receives data/demo and experiments/demo")
     args = parser.parse_args()
-    os.makedirs(os.path.join(ROOT, EXPERIMENT), exist_ok=True)
+    global WORKDIR
+    WORKDIR = os.path.abspath(args.workdir)
+    os.makedirs(os.path.join(WORKDIR, EXPERIMENT), exist_ok=True)
     timings = []
 
     def stage(name, done, action):
@@ -99,7 +106,7 @@ def main():
             action()
         timings.append((name, time.time() - start))
 
-    data = os.path.join(ROOT, DATA)
+    data = os.path.join(WORKDIR, DATA)
     stage("1. generate synthetic CLEVR-Change", lambda: os.path.exists(os.path.join(data, "scenes.json")),
           lambda: run(python("scripts/generate_synthetic_clevr.py", "--output_dir", DATA, "--num_scenes",
                              str(args.num_scenes), "--width", RENDER_SIZE[0], "--height", RENDER_SIZE[1]),
@@ -113,9 +120,8 @@ def main():
               lambda: os.path.isdir(os.path.join(data, features)) and len(os.listdir(os.path.join(data, features)))
               >= len(os.listdir(os.path.join(data, images))),
               lambda: run(python("scripts/extract_features.py", "--input_image_dir", f"{DATA}/{images}",
-                                 "--output_dir", f"{DATA}/{features}", "--batch_size", "32",
-                                 "--image_height", FEATURE_INPUT, "--image_width", FEATURE_INPUT,
-                                 "--weights", weights), "extract"))
+                                 "--output_dir", f"{DATA}/{features}", "--batch_size", "50",
+                                 *FEATURE_ARGS, "--weights", weights), "extract"))
 
     stage("3. preprocess captions", lambda: os.path.exists(os.path.join(data, "transformer_labels.h5")),
           lambda: run(python("scripts/preprocess_captions_transformer.py",
@@ -135,7 +141,7 @@ def main():
         overrides += ["logger.visdom", "False"]
     overrides += ["logger.port", str(args.port)]
     try:
-        stage("5. train", lambda: os.path.exists(os.path.join(ROOT, EXPERIMENT, "best_snapshot.json")),
+        stage("5. train", lambda: os.path.exists(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")),
               lambda: run(python("train.py", "--cfg", CONFIG, *overrides), "train"))
     finally:
         if server is not None:
@@ -144,14 +150,14 @@ def main():
             print("  visdom server stopped")
 
     iteration = best_iteration()
-    test_dir = os.path.join(ROOT, EXPERIMENT, "test_output", "captions")
+    test_dir = os.path.join(WORKDIR, EXPERIMENT, "test_output", "captions")
     stage(f"6. caption the test split with snapshot {iteration}",
           lambda: os.path.exists(os.path.join(test_dir, "test", "sc_results.json")),
           lambda: run(python("test.py", "--cfg", CONFIG, "--snapshot", str(iteration)), "test"))
 
     anno, types = f"{DATA}/total_change_captions_reformat.json", f"{DATA}/type_mapping.json"
     stage("7. evaluate validation captions",
-          lambda: os.path.exists(os.path.join(ROOT, EXPERIMENT, "eval_sents", "eval_results.json")),
+          lambda: os.path.exists(os.path.join(WORKDIR, EXPERIMENT, "eval_sents", "eval_results.json")),
           lambda: run(python("evaluate.py", "--results_dir", f"{EXPERIMENT}/eval_sents", "--anno", anno,
                              "--type_file", types), "evaluate val"))
     stage("7. evaluate test captions", lambda: os.path.exists(os.path.join(test_dir, "eval_results.json")),
@@ -159,7 +165,7 @@ def main():
                              anno, "--type_file", types), "evaluate test"))
 
     stage("8. triplet figures and hand-in report",
-          lambda: os.path.exists(os.path.join(ROOT, EXPERIMENT, "report", "report.html")),
+          lambda: os.path.exists(os.path.join(WORKDIR, EXPERIMENT, "report", "report.html")),
           lambda: run(python("scripts/make_report.py", "--cfg", CONFIG), "report"))
 
     print("\n== time per stage")

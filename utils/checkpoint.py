@@ -10,6 +10,7 @@ import yaml
 
 SNAPSHOT_KEYS = ("change_detector_state", "speaker_state", "cbr_state", "optimizer_state",
                  "scheduler_state", "iteration", "rng_state", "config", "vocab")
+INFERENCE_KEYS = ("change_detector_state", "speaker_state", "config", "vocab")  # what test.py needs
 
 
 class SnapshotError(RuntimeError):
@@ -79,18 +80,29 @@ def save_snapshot(path, snapshot):
         os.close(directory)
 
 
-def load_snapshot(path):
-    """Loads a snapshot written by save_snapshot (no pickled code is executed)."""
+def _load_failure(err):
+    """The useful line of a torch.load error. torch's full text advises weights_only=False,
+    which would run whatever code the file holds, so it is not passed on."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first_sentence = re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0] if lines else "no details"
+    return f"{type(err).__name__}: {first_sentence[:200]}"
+
+
+def load_snapshot(path, required=INFERENCE_KEYS):
+    """Loads a snapshot written by save_snapshot (no pickled code is executed) that holds the
+    ``required`` keys (SNAPSHOT_KEYS to resume training)."""
     if not os.path.isfile(path):
         raise SnapshotError(f"snapshot {path} does not exist")
     try:
         snapshot = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for truncated or foreign files
-        raise SnapshotError(f"{path} is not a readable snapshot ({type(err).__name__}: {err}); "
-                            f"it may be truncated or not written by train.py") from None
+        raise SnapshotError(f"{path} is not a readable snapshot ({_load_failure(err)}); it may be "
+                            f"truncated or not written by train.py (only tensors and plain Python "
+                            f"values are loaded; a file holding other objects is refused)") from None
     if not isinstance(snapshot, dict):
         raise SnapshotError(f"{path} is not a snapshot: it holds a {type(snapshot).__name__}, not a dict")
-    missing = [key for key in ("change_detector_state", "speaker_state") if key not in snapshot]
+    missing = [key for key in required if key not in snapshot]
     if missing:
         raise SnapshotError(f"{path} is not a snapshot of this project: it lacks {', '.join(missing)}")
     return snapshot

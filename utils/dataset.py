@@ -26,6 +26,14 @@ _TYPE_ID = re.compile(r"(\d+)")
 class DataError(Exception):
     """Missing or inconsistent data; the message names the path or key and how to fix it."""
 
+    def __init__(self, message):
+        # A DataLoader worker re-raises this in the main process as "Caught DataError in
+        # DataLoader worker ..." followed by the worker's traceback; the CLIs print messages
+        # without tracebacks, so only the original message (after the last "DataError: ") is kept.
+        if message.startswith("Caught DataError"):
+            message = message.rstrip().rsplit("DataError: ", 1)[-1]
+        super().__init__(message)
+
 
 def _extract_cmd(img_dir, feat_dir):
     return (f"python scripts/extract_features.py --input_image_dir {img_dir} "

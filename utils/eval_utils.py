@@ -46,7 +46,8 @@ def _package_dir(sub):
     return os.path.join(list(pycocoevalcap.__path__)[0], sub)
 
 
-def _java():
+def java_executable():
+    """Path of `java`; EvalError saying how to install it when it is not on PATH."""
     java = shutil.which("java")
     if java is None:
         raise EvalError("Java is not installed, but the PTB tokenizer and METEOR of pycocoevalcap "
@@ -136,7 +137,7 @@ def ptb_tokenize(sentences):
         path = os.path.join(tmp, "sentences.txt")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines[i] for i in todo))
-        proc = subprocess.run([_java(), "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
+        proc = subprocess.run([java_executable(), "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
                                "-preserveLines", "-lowerCase", path],
                               capture_output=True, cwd=tmp)
     if proc.returncode != 0:
@@ -165,7 +166,7 @@ class _Meteor:
     def __init__(self):
         meteor_dir = _package_dir("meteor")
         self._proc = subprocess.Popen(
-            [_java(), "-jar", "-Xmx2G", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"],
+            [java_executable(), "-jar", "-Xmx2G", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"],
             cwd=meteor_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, bufsize=0)
 
@@ -253,7 +254,7 @@ def _spice_per_caption(gts, res):
         in_path, out_path = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
         with open(in_path, "w") as handle:
             json.dump(records, handle)
-        proc = subprocess.run([_java(), "-jar", "-Xmx8G", "spice-1.0.jar", in_path,
+        proc = subprocess.run([java_executable(), "-jar", "-Xmx8G", "spice-1.0.jar", in_path,
                                "-out", out_path, "-subset", "-silent"],
                               cwd=spice_dir, capture_output=True)
         if proc.returncode != 0:
