@@ -1,12 +1,14 @@
 """Train SCORER + CBR: python train.py --cfg configs/dynamic/transformer_quick.yaml [KEY VALUE ...]"""
 import argparse
 import json
+import math
 import os
 import signal
 import sys
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -14,7 +16,9 @@ from configs.defaults import ConfigError, load_config
 from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, config_to_dict,
                               list_snapshots, load_snapshot, load_weights, restore_rng_state,
                               save_snapshot, snapshot_path)
+from utils import distributed
 from utils.dataset import DataError, RCCDataset
+from utils.distributed import DistributedError
 from utils.engine import CaptionModel, autocast_context, generate_captions, move_batch
 from utils.eval_utils import java_executable, load_references, score_captions
 from utils.logger import Dashboard
@@ -81,7 +85,9 @@ def train_batches(dataset, cfg, device, start_iteration):
     epoch, offset = divmod(start_iteration, per_epoch)
     while True:
         dataset.set_epoch(epoch)
-        batches = epoch_batches(len(dataset), cfg.data.train.batch_size, cfg.seed, epoch)[offset:]
+        # With several processes each rank loads its slice of the same global batches.
+        batches = [distributed.local_slice(batch) for batch in
+                   epoch_batches(len(dataset), cfg.data.train.batch_size, cfg.seed, epoch)[offset:]]
         yield from make_loader(dataset, cfg, device, batch_sampler=batches)
         epoch, offset = epoch + 1, 0
 
@@ -143,8 +149,10 @@ def check_writable(folder):
 
 
 def do_train(cfg, resume=False):
-    """The training loop. Returns the path of the last snapshot."""
-    device = select_device(cfg.gpu_id)
+    """The training loop. Returns the path of the last snapshot (None on ranks other than 0)."""
+    device = distributed.init_from_env(cfg.gpu_id)  # None unless started by torchrun with several processes
+    device = device if device is not None else select_device(cfg.gpu_id)
+    main = distributed.is_main()
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -158,8 +166,9 @@ def do_train(cfg, resume=False):
     cfg = prepare_config(cfg, train_set)
     references = load_references(cfg.data.anno_json)
     java_executable()  # validation tokenizes with Java: fail now, not at the first snapshot
-    with open(os.path.join(exp_root, "config.yaml"), "w") as handle:
-        handle.write(cfg.dump())
+    if main:
+        with open(os.path.join(exp_root, "config.yaml"), "w") as handle:
+            handle.write(cfg.dump())
 
     model = CaptionModel(cfg).to(device)
     optim = cfg.train.optim
@@ -183,18 +192,28 @@ def do_train(cfg, resume=False):
         restore_rng_state(snapshot["rng_state"])
         start_iteration = snapshot["iteration"]
         print(f"resuming from {path} (iteration {start_iteration})")
+    train_model = model  # what the loop calls; snapshots, logit scales and validation use model
+    if distributed.world_size() > 1:
+        distributed.check_batch_size(cfg.data.train.batch_size)
+        # find_unused_parameters: only the last encoder block's logit scale enters the loss.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=True)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
 
     per_epoch = len(epoch_batches(len(train_set), cfg.data.train.batch_size, cfg.seed, 0))
     val_loader = make_loader(val_set, cfg, device, batch_size=cfg.data.val.batch_size)
-    dashboard = Dashboard(cfg.logger.visdom, cfg.logger.server, cfg.logger.port, env=cfg.exp_name)
+    dashboard = Dashboard(cfg.logger.visdom and main, cfg.logger.server, cfg.logger.port, env=cfg.exp_name)
     if dashboard.enabled:
         print(f"dashboard: {dashboard.url}")
-    log_file = open(os.path.join(exp_root, "train_log.txt"), "a")
-    metrics_file = open(os.path.join(exp_root, "metrics.jsonl"), "a")
+    log_file = open(os.path.join(exp_root, "train_log.txt") if main else os.devnull, "a")
+    metrics_file = open(os.path.join(exp_root, "metrics.jsonl") if main else os.devnull, "a")
     best_path = os.path.join(exp_root, "best_snapshot.json")
     best = json.load(open(best_path)) if os.path.exists(best_path) else None
 
     def log(record, line):
+        if not main:
+            return
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         log_file.write(line + "\n")
@@ -209,16 +228,21 @@ def do_train(cfg, resume=False):
     skipped_in_a_row = 0  # consecutive batches dropped by train.on_nonfinite_loss skip
     last_snapshot = None
     model.train()
-    progress = tqdm(total=cfg.train.max_iter, initial=start_iteration, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=cfg.train.max_iter, initial=start_iteration, desc="train", dynamic_ncols=True,
+                    disable=not main)
     window_start, window_iterations = time.time(), 0
     try:
         batches = train_batches(train_set, cfg, device, start_iteration)
         while iteration < cfg.train.max_iter:
             batch = move_batch(next(batches), device)
+            if distributed.world_size() > 1:
+                # Dropout masks depend on (seed, iteration, rank) alone: ranks differ, a resumed run repeats.
+                torch.manual_seed((cfg.seed * 1_000_003 + iteration) * 1009 + distributed.rank())
             with autocast_context(device, cfg.train.amp):
-                losses = model(batch, cfg.train.lambda_v, cfg.train.lambda_m)
-            if not torch.isfinite(losses["total"]):
-                parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+                losses = train_model(batch, cfg.train.lambda_v, cfg.train.lambda_m)
+            values = distributed.average_over_ranks(losses)  # the global batch's losses, on every rank
+            if not math.isfinite(values["total"]):
+                parts = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
                 message = (f"non-finite loss at iteration {iteration + 1} ({parts})")
                 if cfg.train.on_nonfinite_loss == "skip":
                     skipped_in_a_row += 1
@@ -243,7 +267,6 @@ def do_train(cfg, resume=False):
                 scheduler.step()
             window_iterations += 1
             progress.update(1)
-            values = {k: v.item() for k, v in losses.items()}
             progress.set_postfix(cap=f"{values['caption']:.3f}", cv=f"{values['cross_view']:.3f}",
                                  cm=f"{values['cross_modal']:.3f}")
 
@@ -263,7 +286,10 @@ def do_train(cfg, resume=False):
                 dashboard.scalars(iteration, {"lr": lr}, window="lr", title="learning rate", log_y=True)
                 dashboard.scalars(iteration, {"it/s": speed}, window="speed", title="iterations per second")
 
-            if iteration % cfg.train.snapshot_interval == 0 or iteration == cfg.train.max_iter:
+            snapshot_due = iteration % cfg.train.snapshot_interval == 0 or iteration == cfg.train.max_iter
+            if snapshot_due and not main:
+                distributed.barrier()  # rank 0 saves and validates meanwhile
+            if snapshot_due and main:
                 last_snapshot = snapshot_path(cfg, iteration)
                 save_snapshot(last_snapshot, make_snapshot(model, optimizer, scheduler, iteration, cfg,
                                                            train_set.vocab))
@@ -279,11 +305,12 @@ def do_train(cfg, resume=False):
                 shown = sc_results[:cfg.logger.num_val_captions]
                 dashboard.captions(iteration, [(r["image_id"], r["caption"], references.get(r["image_id"], []))
                                                for r in shown])
+                distributed.barrier()
                 window_start, window_iterations = time.time(), 0
     except (Stop, KeyboardInterrupt) as reason:
         progress.close()
         name = reason.args[0] if isinstance(reason, Stop) else "Ctrl-C"
-        if iteration > start_iteration:
+        if iteration > start_iteration and main:
             last_snapshot = snapshot_path(cfg, iteration)
             save_snapshot(last_snapshot, make_snapshot(model, optimizer, scheduler, iteration, cfg,
                                                        train_set.vocab))
@@ -310,9 +337,11 @@ def main(argv=None):
             overrides += ["gpu_id", str(args.gpu)]
         cfg = load_config(args.cfg, overrides)
         do_train(cfg, resume=args.resume)
-    except (ConfigError, DataError, SnapshotError, TrainingError, ValueError) as err:
+    except (ConfigError, DataError, SnapshotError, TrainingError, DistributedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

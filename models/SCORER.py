@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from utils.distributed import gather_batch
+
 
 class AddSpatialInfo(nn.Module):
     """Appends x and y coordinate channels in [-1, 1) to a feature map: (B, C, H, W) -> (B, C+2, H, W)."""
@@ -32,7 +34,7 @@ class _MeanMaxSimilarity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, chunk):
-        """q: (B, N, D), k: (B, M, D) -> (B, B) = (mean_i max_j e + mean_j max_i e) / 2."""
+        """q: (A, N, D), k: (B, M, D) -> (A, B) = (mean_i max_j e + mean_j max_i e) / 2."""
         sims, t2v_idx, v2t_idx = [], [], []
         for start in range(0, q.size(0), chunk):
             scores = torch.einsum("aid,bjd->abij", q[start:start + chunk], k)  # (c, B, N, M)
@@ -47,24 +49,24 @@ class _MeanMaxSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, t2v_idx, v2t_idx = ctx.saved_tensors
-        B, N, D = q.shape
-        M = k.size(1)
+        A, N, D = q.shape
+        B, M = k.shape[:2]
         device = q.device
-        a = torch.arange(B, device=device).view(B, 1, 1)
+        a = torch.arange(A, device=device).view(A, 1, 1)
         b = torch.arange(B, device=device).view(1, B, 1)
         i = torch.arange(N, device=device).view(1, 1, N)
         j = torch.arange(M, device=device).view(1, 1, M)
         dtype = torch.promote_types(q.dtype, torch.float32)  # no sparse products in half precision
         grad = grad.to(dtype)
         # W[(a, i), (b, j)] holds d S[a, b] / d e[a, b, i, j]: one entry per max taken.
-        rows = torch.cat([(a * N + i).expand(B, B, N).reshape(-1), (a * N + v2t_idx).reshape(-1)])
-        cols = torch.cat([(b * M + t2v_idx).reshape(-1), (b * M + j).expand(B, B, M).reshape(-1)])
-        values = torch.cat([(grad / (2 * N)).unsqueeze(-1).expand(B, B, N).reshape(-1),
-                            (grad / (2 * M)).unsqueeze(-1).expand(B, B, M).reshape(-1)])
-        weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (B * N, B * M),
+        rows = torch.cat([(a * N + i).expand(A, B, N).reshape(-1), (a * N + v2t_idx).reshape(-1)])
+        cols = torch.cat([(b * M + t2v_idx).reshape(-1), (b * M + j).expand(A, B, M).reshape(-1)])
+        values = torch.cat([(grad / (2 * N)).unsqueeze(-1).expand(A, B, N).reshape(-1),
+                            (grad / (2 * M)).unsqueeze(-1).expand(A, B, M).reshape(-1)])
+        weights = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (A * N, B * M),
                                           check_invariants=False)  # indices are in range by construction
-        grad_q = torch.sparse.mm(weights, k.reshape(B * M, D).to(dtype)).view(B, N, D)  # (B, N, D)
-        grad_k = torch.sparse.mm(weights.t(), q.reshape(B * N, D).to(dtype)).view(B, M, D)  # (B, M, D)
+        grad_q = torch.sparse.mm(weights, k.reshape(B * M, D).to(dtype)).view(A, N, D)  # (A, N, D)
+        grad_k = torch.sparse.mm(weights.t(), q.reshape(A * N, D).to(dtype)).view(B, M, D)  # (B, M, D)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), None
 
 
@@ -84,13 +86,16 @@ def token_wise_similarity(q, k, logit_scale, heads=1, chunk=16, sparse_backward=
     d (the reference's MTM); with heads > 1 it is the mean over heads of per-head TMs. Rows of the
     batch are processed ``chunk`` at a time so the (B, B, N, N) score tensor never exists whole.
     sparse_backward picks the argmax-only backward; False keeps plain autograd (same values).
+    In multi-process training q and k hold this rank's rows: its queries meet the keys of the global
+    batch, and the rows of all ranks are gathered into the global (B, B) matrix (utils/distributed.py).
     """
+    k = gather_batch(k)  # (B, M, d) of the global batch
     B, N, d = q.shape
-    qh = q.view(B, N, heads, d // heads).transpose(1, 2)  # (B, h, N, dh)
+    qh = q.view(B, N, heads, d // heads).transpose(1, 2)  # (b, h, N, dh)
     kh = k.view(k.size(0), k.size(1), heads, d // heads).transpose(1, 2)  # (B, h, M, dh)
     similarity = _MeanMaxSimilarity.apply if sparse_backward else _mean_max_similarity_dense
-    per_head = [similarity(qh[:, h], kh[:, h], chunk) for h in range(heads)]  # h x (B, B)
-    return logit_scale.exp() * torch.stack(per_head).mean(dim=0)  # (B, B)
+    per_head = [similarity(qh[:, h], kh[:, h], chunk) for h in range(heads)]  # h x (b, B)
+    return gather_batch(logit_scale.exp() * torch.stack(per_head).mean(dim=0))  # (B, B)
 
 
 class Attention(nn.Module):

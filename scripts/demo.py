@@ -4,7 +4,7 @@ Stages (each skipped when its output is already there, so a second run is quick)
   1. generate the synthetic data set            -> data/demo/
   2. extract ResNet-101 features (3 folders)    -> data/demo/{features,sc_features,nsc_features}/
   3. build the vocabulary and label file        -> data/demo/transformer_{vocab.json,labels.h5}
-  4. start a visdom server (offline-capable)    -> http://127.0.0.1:8097 (stopped at the end)
+  4. start a visdom server (offline-capable)    -> http://127.0.0.1:8097/env/demo (stopped after training)
   5. train configs/dynamic/transformer_demo.yaml -> experiments/demo/
   6. caption the test split with the best snapshot (test.py)
   7. evaluate validation and test captions (evaluate.py)
@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from setup_visdom_offline import SetupError, start_server, wait_for_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/dynamic/transformer_demo.yaml")
@@ -68,14 +70,12 @@ def start_visdom(port):
         return None
     run(python("scripts/setup_visdom_offline.py"), "visdom set-up")
     log = open(os.path.join(WORKDIR, EXPERIMENT, "visdom_server.log"), "w")
-    server = subprocess.Popen(python("-m", "visdom.server", "-port", str(port), "-hostname", "127.0.0.1"),
-                              cwd=WORKDIR, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(100):
-        if port_open(port):
-            break
-        time.sleep(0.2)
-    else:
-        print("  the visdom server did not come up; training goes on without the dashboard")
+    server = start_server(port, os.path.join(WORKDIR, EXPERIMENT, "visdom_env"), log)
+    try:
+        wait_for_index(port, server)
+        print(f"  dashboard: http://127.0.0.1:{port}/env/demo (open it to watch training)")
+    except SetupError as err:
+        print(f"  {err}; training goes on without the dashboard (see {log.name})")
     return server
 
 
@@ -131,23 +131,21 @@ def main():
                              "--output_vocab_json", f"{DATA}/transformer_vocab.json",
                              "--output_h5", f"{DATA}/transformer_labels.h5"), "preprocess"))
 
-    server = None
-    if not args.no_visdom:
-        print("\n== 4. visdom server")
-        server = start_visdom(args.port)
-        print(f"  dashboard: http://127.0.0.1:{args.port}/env/demo")
     overrides = [] if args.max_iter is None else ["train.max_iter", str(args.max_iter)]
-    if args.no_visdom:
-        overrides += ["logger.visdom", "False"]
-    overrides += ["logger.port", str(args.port)]
-    try:
-        stage("5. train", lambda: os.path.exists(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")),
-              lambda: run(python("train.py", "--cfg", CONFIG, *overrides), "train"))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
-            print("  visdom server stopped")
+    overrides += ["logger.visdom", str(not args.no_visdom), "logger.port", str(args.port)]
+
+    def train_with_dashboard():
+        server = None if args.no_visdom else start_visdom(args.port)
+        try:
+            run(python("train.py", "--cfg", CONFIG, *overrides), "train")
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
+                print("  visdom server stopped")
+
+    stage("4-5. start the visdom server and train", lambda: os.path.exists(
+        os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")), train_with_dashboard)
 
     iteration = best_iteration()
     test_dir = os.path.join(WORKDIR, EXPERIMENT, "test_output", "captions")

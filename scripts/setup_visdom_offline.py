@@ -179,9 +179,10 @@ def free_port():
 
 
 def start_server(port, env_path, log_file):
-    """Start `python -m visdom.server` on 127.0.0.1:port; returns the Popen (caller stops it)."""
+    """Start `python -m visdom.server` listening on 127.0.0.1:port only (-bind_local; --hostname
+    alone changes just the address visdom prints); returns the Popen (caller stops it)."""
     cmd = [sys.executable, "-m", "visdom.server", "-port", str(port), "--hostname", "127.0.0.1",
-           "-env_path", env_path]
+           "-bind_local", "-env_path", env_path]
     return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
 
 

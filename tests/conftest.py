@@ -10,6 +10,12 @@ import os
 import sys
 
 import pytest
+import torch
+
+# The tests use tiny tensors: one thread avoids two threads fighting for the cores (on a busy
+# 2-core machine a tiny training step took seconds instead of 0.04 s). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "scripts")):

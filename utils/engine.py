@@ -10,6 +10,7 @@ from models.CBR import CBR
 from models.SCORER import AddSpatialInfo, ChangeDetector
 from models.transformer_decoder import Speaker
 from utils.checkpoint import SnapshotError, list_snapshots, load_snapshot, load_weights, snapshot_path
+from utils.distributed import global_token_mean
 from utils.utils import CrossEn, caption_loss, decode_sequence, labels_with_ignore
 
 
@@ -33,7 +34,9 @@ class CaptionModel(nn.Module):
         seq = labels.reshape(B * S, L)  # (B*S, L)
         seq_mask = masks.reshape(B * S, L).to(out.dtype)  # (B*S, L)
         logits, hidden = self.speaker(out.repeat_interleave(S, dim=0), seq, seq_mask)  # (B*S, L, V), (B*S, L, d)
-        cap = caption_loss(logits, labels_with_ignore(seq, seq_mask), self.label_smoothing)
+        target = labels_with_ignore(seq, seq_mask)
+        # With several processes: the mean over the tokens of the global batch (utils/distributed.py).
+        cap = global_token_mean(caption_loss(logits, target, self.label_smoothing), (target != -1).sum())
         cross_view = (self.cross_entropy(sim_ba.float()) + self.cross_entropy(sim_ab.float())) / 2
         # The CBR head contrasts pairs across the batch, so it takes one caption per pair.
         first = hidden.view(B, S, L, -1)[:, 0]  # (B, L, d)

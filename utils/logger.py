@@ -91,7 +91,7 @@ class Dashboard:
     def _fail(self, reason):
         self._vis = None
         warnings.warn(f"visdom dashboard disabled: {reason}. Training continues without it; "
-                      f"start a server with `python -m visdom.server` to see the plots "
+                      f"start a server with `python -m visdom.server -bind_local` to see the plots "
                       f"(see README).", RuntimeWarning, stacklevel=3)
 
     def scalars(self, iteration, values, window, title=None, log_y=False):
