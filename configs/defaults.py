@@ -28,7 +28,7 @@ _C.model.change_detector.emb_dim = 512  # width of the difference representation
 _C.model.change_detector.grid = 14  # largest H and W the learned position embeddings cover
 _C.model.change_detector.dropout = 0.1  # dropout on attention maps and after embed_fc
 _C.model.change_detector.mtm = "sum"  # "sum": dot product over all heads (reference); "per_head": mean of per-head TMs
-_C.model.change_detector.mtm_chunk = 16  # batch rows per MTM chunk: bounds the B x B x N x N memory
+_C.model.change_detector.mtm_chunk = 4  # batch rows per MTM chunk: bounds the B x B x N x N memory
 _C.model.change_detector.mtm_sparse_backward = True  # MTM backward from the argmax indices (same result, faster)
 
 _C.model.speaker = CN()  # the transformer decoder (models/transformer_decoder.py: Speaker)

@@ -147,7 +147,7 @@ class Attention(nn.Module):
         #   2. scores = q k^T / sqrt(dh) -> (B, h, N, N); probs = softmax over the last dim
         #   3. keep the head-averaged probs (B, N, N) in `attention_map` (before dropout)
         #   4. apply self.dropout to probs, context = probs v, merge heads back -> (B, N, d)
-        # The result goes in `context`; the residual link and LayerNorm follow below.
+        # The result goes in `context`; forward adds the residual link and the LayerNorm.
         B, N, _ = q.shape
         qh = q.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, dh)
         kh = k.view(B, k.size(1), self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, M, dh)

@@ -2,6 +2,7 @@
 
 python scripts/benchmark.py [--cfg configs/dynamic/transformer.yaml] [--batch_size 32] [--grid 14]
                             [--device cpu|cuda] [--steps 3] [--amp none|bf16] [--beam_size 1] [KEY VALUE ...]
+(e.g. `train.compile True` as an override benchmarks the torch.compile'd model)
 
 "fast" is the model as train.py and test.py run it. "straightforward" is the same model, on the
 same weights, with its fast paths switched off: the MTM similarity at every encoder block and in
@@ -140,17 +141,27 @@ def generate(model, batch, cfg, device, beam_size):
         return model.generate(batch["d_feat"], batch["q_feat"], beam_size=beam_size)[0]
 
 
-def timed(fn, steps, device):
-    """Seconds of each of ``steps`` calls after one warm-up call; returns (median seconds, last result)."""
-    result = fn()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], result
+def interleaved(calls, steps, device):
+    """Median seconds of each named call over ``steps`` rounds after a warm-up round.
+
+    The calls alternate within each round, so that both see the same load on a shared machine.
+    """
+    times = {name: [] for name in calls}
+    for round_index in range(steps + 1):
+        for name, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def in_variant(model, name, batch_size, train, fn, *args):
+    with variant(model, name, batch_size):
+        model.train(train)
+        return fn(model, *args)
 
 
 def compare(model, initial, batch, cfg, device, beam_size):
@@ -187,6 +198,8 @@ def setup(args):
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     model = CaptionModel(cfg).to(device)
+    if cfg.train.compile:
+        model = torch.compile(model)
     batch = random_batch(cfg, args.batch_size, args.grid, device)
     return cfg, device, model, batch
 
@@ -250,17 +263,22 @@ def run_benchmark(args):
     initial = copy.deepcopy(model.state_dict())
     check = compare(model, initial, batch, cfg, device, args.beam_size)
 
-    results = {}
+    # One copy of the weights per variant, each with its own optimiser, timed in alternation.
+    models = {name: copy.deepcopy(model) for name in VARIANTS}
+    optimizers = {name: torch.optim.Adam(models[name].parameters(), lr=cfg.train.optim.lr) for name in VARIANTS}
+    step_s = interleaved({name: functools.partial(in_variant, models[name], name, args.batch_size, True, train_step,
+                                                  optimizers[name], batch, cfg, device) for name in VARIANTS},
+                         args.steps, device)
     for name in VARIANTS:
-        model.load_state_dict(initial)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.optim.lr)
-        with variant(model, name, args.batch_size):
-            model.train()
-            step_s, _ = timed(functools.partial(train_step, model, optimizer, batch, cfg, device), args.steps, device)
-            model.eval()
-            gen_s, _ = timed(functools.partial(generate, model, batch, cfg, device, args.beam_size), args.steps, device)
-        results[name] = {"train_step_s": step_s, "generate_pairs_per_s": args.batch_size / gen_s}
-        if not args.skip_memory:
+        models[name].load_state_dict(initial)  # generate from the same weights
+    gen_s = interleaved({name: functools.partial(in_variant, models[name], name, args.batch_size, False, generate,
+                                                 batch, cfg, device, args.beam_size) for name in VARIANTS},
+                        args.steps, device)
+    del models, optimizers
+    results = {name: {"train_step_s": step_s[name], "generate_pairs_per_s": args.batch_size / gen_s[name]}
+               for name in VARIANTS}
+    if not args.skip_memory:
+        for name in VARIANTS:
             results[name]["train_peak_mib"] = measure_memory(args, name, "train") / 2**20
             results[name]["generate_peak_mib"] = measure_memory(args, name, "generate") / 2**20
 

@@ -19,9 +19,11 @@ import subprocess
 import sys
 import time
 
-from setup_visdom_offline import SetupError, start_server, wait_for_index
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs.defaults import load_config  # noqa: E402
+from setup_visdom_offline import SetupError, start_server, wait_for_index  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "configs/dynamic/transformer_demo.yaml")
 WORKDIR = ROOT  # data/demo and experiments/demo are relative to it (--workdir changes it)
 DATA = "data/demo"
@@ -134,18 +136,25 @@ def main():
     overrides = [] if args.max_iter is None else ["train.max_iter", str(args.max_iter)]
     overrides += ["logger.visdom", str(not args.no_visdom), "logger.port", str(args.port)]
 
+    snapshots = os.path.join(WORKDIR, EXPERIMENT, "snapshots")
+    final_iteration = args.max_iter or load_config(CONFIG).train.max_iter
+    final_snapshot = os.path.join(snapshots, f"demo_checkpoint_{final_iteration}.pt")
+
     def train_with_dashboard():
+        # An interrupted demo continues from its newest snapshot.
+        resume = ["--resume"] if os.path.isdir(snapshots) and any(
+            name.endswith(".pt") for name in os.listdir(snapshots)) else []
         server = None if args.no_visdom else start_visdom(args.port)
         try:
-            run(python("train.py", "--cfg", CONFIG, *overrides), "train")
+            run(python("train.py", "--cfg", CONFIG, *resume, *overrides), "train")
         finally:
             if server is not None:
                 server.terminate()
                 server.wait()
                 print("  visdom server stopped")
 
-    stage("4-5. start the visdom server and train", lambda: os.path.exists(
-        os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")), train_with_dashboard)
+    stage("4-5. start the visdom server and train", lambda: os.path.exists(final_snapshot),
+          train_with_dashboard)
 
     iteration = best_iteration()
     test_dir = os.path.join(WORKDIR, EXPERIMENT, "test_output", "captions")

@@ -26,14 +26,14 @@ class CaptionModel(nn.Module):
         self.cross_entropy = CrossEn()
         self.label_smoothing = cfg.model.speaker.label_smoothing
 
-    def pair_losses(self, bef_feat, aft_feat, labels, masks):
-        """Losses of one kind of pair. feats: (B, C, H, W); labels, masks: (B, S, L) with S captions per pair."""
-        out, sim_ba, sim_ab, bef_tokens, aft_tokens = self.change_detector(
-            self.spatial_info(bef_feat), self.spatial_info(aft_feat), compute_similarity=True)
+    def pair_losses(self, bef, aft, labels, masks):
+        """Losses of one kind of pair. bef, aft: (B, C+2, H, W) features with coordinates (spatial_info);
+        labels, masks: (B, S, L) with S captions per pair."""
+        out, sim_ba, sim_ab, bef_tokens, aft_tokens = self.change_detector(bef, aft, compute_similarity=True)
         B, S, L = labels.shape
         seq = labels.reshape(B * S, L)  # (B*S, L)
         seq_mask = masks.reshape(B * S, L).to(out.dtype)  # (B*S, L)
-        logits, hidden = self.speaker(out.repeat_interleave(S, dim=0), seq, seq_mask)  # (B*S, L, V), (B*S, L, d)
+        logits, hidden = self.speaker(out if S == 1 else out.repeat_interleave(S, dim=0), seq, seq_mask)  # (B*S, L, V), (B*S, L, d)
         target = labels_with_ignore(seq, seq_mask)
         # With several processes: the mean over the tokens of the global batch (utils/distributed.py).
         cap = global_token_mean(caption_loss(logits, target, self.label_smoothing), (target != -1).sum())
@@ -45,8 +45,9 @@ class CaptionModel(nn.Module):
 
     def forward(self, batch, lambda_v, lambda_m):
         """The training losses of a batch (both the changed and the distractor pair)."""
-        pos = self.pair_losses(batch["d_feat"], batch["q_feat"], batch["pos_labels"], batch["pos_masks"])
-        neg = self.pair_losses(batch["d_feat"], batch["n_feat"], batch["neg_labels"], batch["neg_masks"])
+        bef = self.spatial_info(batch["d_feat"])  # one tensor for both pairs: autograd keeps it once
+        pos = self.pair_losses(bef, self.spatial_info(batch["q_feat"]), batch["pos_labels"], batch["pos_masks"])
+        neg = self.pair_losses(bef, self.spatial_info(batch["n_feat"]), batch["neg_labels"], batch["neg_masks"])
         caption, cross_view, cross_modal = ((p + n) / 2 for p, n in zip(pos, neg))
         total = caption + lambda_v * cross_view + lambda_m * cross_modal
         return {"total": total, "caption": caption, "cross_view": cross_view, "cross_modal": cross_modal}
