@@ -48,10 +48,7 @@ def run_test(cfg, iteration, beam_size=1, split="test"):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        overrides = list(args.opts)
-        if args.gpu is not None:
-            overrides += ["gpu_id", str(args.gpu)]
-        run_test(load_config(args.cfg, overrides), args.snapshot, args.beam_size, args.split)
+        run_test(load_config(args.cfg, args.opts, gpu_id=args.gpu), args.snapshot, args.beam_size, args.split)
     except (ConfigError, DataError, SnapshotError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -332,10 +332,7 @@ def do_train(cfg, resume=False):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        overrides = list(args.opts)
-        if args.gpu is not None:
-            overrides += ["gpu_id", str(args.gpu)]
-        cfg = load_config(args.cfg, overrides)
+        cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
         do_train(cfg, resume=args.resume)
     except (ConfigError, DataError, SnapshotError, TrainingError, DistributedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -166,8 +166,9 @@ def _parse_value(text):
         return text
 
 
-def load_config(cfg_file=None, overrides=()):
-    """Defaults, then ``cfg_file`` (YAML), then ``KEY VALUE`` overrides; returns a frozen tree."""
+def load_config(cfg_file=None, overrides=(), gpu_id=None):
+    """Defaults, then ``cfg_file`` (YAML), then ``KEY VALUE`` overrides, then a --gpu choice
+    (``gpu_id``, when given); returns a frozen tree."""
     cfg = get_cfg_defaults()
     if cfg_file is not None:
         if not os.path.isfile(cfg_file):
@@ -179,7 +180,7 @@ def load_config(cfg_file=None, overrides=()):
             except yaml.YAMLError as err:
                 raise ConfigError(f"{cfg_file} is not valid YAML: {err}") from None
         merge_dict(cfg, data or {}, cfg_file)
-    overrides = list(overrides)
+    overrides = list(overrides) + ([] if gpu_id is None else ["gpu_id", str(gpu_id)])
     if len(overrides) % 2:
         raise ConfigError(f"command-line overrides come in KEY VALUE pairs; got {overrides}")
     for key, text in zip(overrides[0::2], overrides[1::2]):

@@ -341,10 +341,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        overrides = list(args.opts)
-        if args.gpu is not None:
-            overrides += ["gpu_id", str(args.gpu)]
-        cfg = load_config(args.cfg, overrides)
+        cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
         entries = make_figures(cfg, args.snapshot, args.ids, args.per_type, args.random_n, args.seed,
                                args.split, args.output_dir, args.attention, args.beam_size)
     except (ConfigError, DataError, SnapshotError, VisualizeError, ValueError) as err:
