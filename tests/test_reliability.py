@@ -554,8 +554,8 @@ def test_visdom_servers_started_by_the_project_listen_on_localhost_only(starter,
     if starter == "scripts/demo.py":
         monkeypatch.setattr(demo, "open", lambda *args, **kwargs: io.StringIO(), raising=False)  # its log
         monkeypatch.setattr(demo, "run", lambda command, stage: None)
-        answers = iter([False, True])  # nothing on the port before the start, the server after it
-        monkeypatch.setattr(demo, "port_open", lambda port: next(answers))
+        monkeypatch.setattr(demo, "port_open", lambda port: False)  # nothing on the port before the start
+        monkeypatch.setattr(demo, "wait_for_index", lambda port, server: 200)
         demo.start_visdom(8097)
     else:
         setup_visdom_offline.start_server(8097, str(tmp_path), None)
