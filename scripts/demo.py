@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs.defaults import load_config  # noqa: E402
-from setup_visdom_offline import SetupError, start_server, wait_for_index  # noqa: E402
+from setup_visdom_offline import SetupError, start_server, stop_server, wait_for_index  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs/dynamic/transformer_demo.yaml")
 WORKDIR = ROOT  # data/demo and experiments/demo are relative to it (--workdir changes it)
@@ -149,8 +149,7 @@ def main():
             run(python("train.py", "--cfg", CONFIG, *resume, *overrides), "train")
         finally:
             if server is not None:
-                server.terminate()
-                server.wait()
+                stop_server(server)
                 print("  visdom server stopped")
 
     stage("4-5. start the visdom server and train", lambda: os.path.exists(final_snapshot),

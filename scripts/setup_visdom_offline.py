@@ -186,6 +186,16 @@ def start_server(port, env_path, log_file):
     return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
 
 
+def stop_server(proc):
+    """Stop a server from start_server: terminate, and kill it if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for_index(port, proc, timeout=30.0):
     """Poll the index page until it answers; returns the HTTP status (raises on timeout)."""
     url = f"http://127.0.0.1:{port}/"
@@ -216,12 +226,7 @@ def check():
             log.seek(0)
             raise SetupError(f"{err}\nserver output:\n{log.read()[-3000:]}") from None
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
     if status != 200:
         raise SetupError(f"the visdom index page answered HTTP {status}, expected 200 "
                          f"(tornado 6.6 gives 403: install tornado<6.6)")

@@ -5,7 +5,6 @@ server's static files are installed first when missing (scripts/setup_visdom_off
 the fixture works without internet access.
 """
 import shutil
-import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -33,9 +32,4 @@ def visdom_server(tmp_path_factory):
         yield SimpleNamespace(server="http://127.0.0.1", port=port, env_path=env_path,
                               log_path=log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        offline.stop_server(proc)
