@@ -267,3 +267,38 @@ def build_dataloader(cfg, split, shuffle, epoch_seed=None, dataset=None):
     return DataLoader(dataset, batch_size=getattr(cfg.data, split).batch_size, shuffle=shuffle,
                       num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                       drop_last=split == "train", generator=generator)
+
+
+def main(argv=None):
+    """`python -m utils.dataset --cfg FILE [--split S] [KEY VALUE ...]`: iterate the loader once and report."""
+    import argparse
+    import sys
+    import time
+
+    from configs.defaults import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--cfg", required=True)
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, args.opts)
+        start = time.time()
+        dataset = RCCDataset(cfg, args.split)
+        print(f"{args.split}: {len(dataset)} scene ids, features {dataset.feature_shape}, "
+              f"vocabulary {len(dataset.vocab)}; indexed in {time.time() - start:.2f} s")
+        start, count = time.time(), 0
+        for batch in build_dataloader(cfg, args.split, shuffle=args.split == "train", dataset=dataset):
+            if count == 0:
+                print("first batch: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items()
+                                                  if torch.is_tensor(v)))
+            count += len(batch["image_id"])
+        print(f"iterated {count} scene ids in {time.time() - start:.1f} s")
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
