@@ -86,7 +86,7 @@ _C.train.grad_clip = -1.0  # clip the global gradient norm to this; <= 0 disable
 _C.train.max_logit_scale = 4.605170185988092  # log(100): clamp of the logit scales after each step
 _C.train.amp = "none"  # "none", "bf16" or "fp16": autocast dtype, used on GPU only
 _C.train.beam_size = 1  # beam width of the validation captions (1 is greedy)
-_C.train.recompute_attention = True  # rebuild attention probabilities in backward instead of storing them: about half the memory, same results
+_C.train.recompute_attention = True  # rebuild the attention blocks (encoder, CBR, decoder cross-attention) in backward instead of storing their activations: less memory, same results
 _C.train.compile = False  # torch.compile the model (worth it on a GPU; the first steps compile, slowly)
 _C.train.on_nonfinite_loss = "stop"  # "stop": end with an error at a NaN/Inf loss; "skip": drop that batch
 

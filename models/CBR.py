@@ -57,21 +57,23 @@ class CBR(nn.Module):
 
         Returns the cross-modal loss L_cm = (InfoNCE(S) + InfoNCE(S^T)) / 2.
         """
-        B, N, d = bef_tokens.shape
+        d = bef_tokens.size(-1)
         # Quirk kept from the reference: the mean divides by L, not by the caption's length.
         sentence = (sent_hidden * caption_mask.unsqueeze(-1).to(sent_hidden.dtype)).mean(dim=1)  # (B, d)
-        # 1x1 convolutions act per token, so the tokens are laid out as an (N, 1) "image".
-        bef_map = bef_tokens.transpose(1, 2).unsqueeze(-1)  # (B, d, N, 1)
-        sent_map = sentence.view(B, d, 1, 1).expand(B, d, N, 1)  # (B, d, N, 1)
-        hallucinated = self.conv1(torch.cat([bef_map, sent_map], dim=1))  # (B, d, N, 1)
-        hallucinated = hallucinated.squeeze(-1).transpose(1, 2)  # (B, N, d)
+        # A 1x1 convolution is a linear map per token. conv1 over concat(bef, sentence broadcast over
+        # the tokens) splits into its "before" half per token plus its sentence half once per pair,
+        # which spares the (B, 2d, N) concatenation and half the products.
+        weight = self.conv1.weight.view(d, 2 * d)  # (d, 2d)
+        hallucinated = (F.linear(bef_tokens, weight[:, :d], self.conv1.bias)
+                        + F.linear(sentence, weight[:, d:]).unsqueeze(1))  # (B, N, d)
         if self.recompute and torch.is_grad_enabled():
-            # The (B*h, N, N) attention weights are rebuilt in backward instead of being stored.
+            # Rebuilt in backward: of the block's activations (projections, attention output) only
+            # its input is kept.
             attended, _ = checkpoint(self.mh_att, hallucinated, hallucinated, hallucinated, need_weights=False,
                                      use_reentrant=False)  # (B, N, d)
         else:
             attended, _ = self.mh_att(hallucinated, hallucinated, hallucinated, need_weights=False)  # (B, N, d)
-        hal_tokens = self.conv2(attended.transpose(1, 2).unsqueeze(-1))  # (B, d, N, 1)
-        hal_tokens = hal_tokens.squeeze(-1).transpose(1, 2)  # (B, N, d)
+        conv2 = self.conv2[0]
+        hal_tokens = F.linear(attended, conv2.weight.view(d, d), conv2.bias)  # (B, N, d), conv2 per token
         sim = self.contra(hal_tokens, aft_tokens)  # (B, B)
         return (self.cross_entropy(sim) + self.cross_entropy(sim.t())) / 2

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from utils.distributed import gather_batch
+from utils.utils import Dropout
 
 
 class AddSpatialInfo(nn.Module):
@@ -35,9 +36,18 @@ class _MeanMaxSimilarity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, chunk):
         """q: (A, N, D), k: (B, M, D) -> (A, B) = (mean_i max_j e + mean_j max_i e) / 2."""
+        A, N, D = q.shape
+        B, M = k.shape[:2]
+        dtype = torch.promote_types(q.dtype, k.dtype)  # out= below is not autocast: one dtype by hand
+        q, k = q.to(dtype), k.to(dtype)
+        keys = k.reshape(B * M, D).t()  # (D, B*M)
+        # One score buffer for every chunk: a fresh tensor of this size per chunk costs page faults.
+        buffer = q.new_empty(min(chunk, A) * N, B * M)
         sims, t2v_idx, v2t_idx = [], [], []
-        for start in range(0, q.size(0), chunk):
-            scores = torch.einsum("aid,bjd->abij", q[start:start + chunk], k)  # (c, B, N, M)
+        for start in range(0, A, chunk):
+            rows = q[start:start + chunk].reshape(-1, D)  # (c*N, D)
+            c = rows.size(0) // N
+            scores = torch.mm(rows, keys, out=buffer[:c * N]).view(c, N, B, M).transpose(1, 2)  # (c, B, N, M)
             t2v, t2v_arg = scores.max(dim=-1)  # (c, B, N)
             v2t, v2t_arg = scores.max(dim=-2)  # (c, B, M)
             sims.append((t2v.mean(dim=-1) + v2t.mean(dim=-1)) / 2)  # (c, B)
@@ -116,7 +126,7 @@ class Attention(nn.Module):
         self.query = nn.Linear(enc.att_dim, enc.att_dim)
         self.key = nn.Linear(enc.att_dim, enc.att_dim)
         self.value = nn.Linear(enc.att_dim, enc.att_dim)
-        self.dropout = nn.Dropout(enc.dropout)
+        self.dropout = Dropout(enc.dropout)
         self.layer_norm = nn.LayerNorm(enc.att_dim, eps=1e-6)
         # exp(logit_scale) is the inverse temperature 1/tau of the InfoNCE loss.
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
@@ -132,12 +142,17 @@ class Attention(nn.Module):
             sim = token_wise_similarity(q, k, self.logit_scale, self.mtm_heads, self.mtm_chunk,
                                         self.sparse_backward)
         if self.recompute and torch.is_grad_enabled():
-            # The (B, h, N, N) probabilities are rebuilt in backward, with the same dropout mask.
-            context, attention_map = checkpoint(self.reconstruct, q, k, v, use_reentrant=False)
+            # The (B, h, N, N) probabilities and the LayerNorm's input are rebuilt in backward, with
+            # the same dropout mask.
+            output, attention_map = checkpoint(self.reconstruct_and_norm, q, k, v, query_states, use_reentrant=False)
         else:
-            context, attention_map = self.reconstruct(q, k, v)
-        output = self.layer_norm(context + query_states)
+            output, attention_map = self.reconstruct_and_norm(q, k, v, query_states)
         return output, sim, attention_map
+
+    def reconstruct_and_norm(self, q, k, v, query_states):
+        """The reconstruction with its residual link and LayerNorm: (output (B, N, d), map (B, N, N))."""
+        context, attention_map = self.reconstruct(q, k, v)
+        return self.layer_norm(context + query_states), attention_map
 
     def reconstruct(self, q, k, v):
         """Projected q, k, v (B, N, d) -> (context (B, N, d), head-averaged attention map (B, N, N))."""
@@ -187,7 +202,7 @@ class ChangeDetector(nn.Module):
         self.h_embedding = nn.Embedding(enc.grid, enc.att_dim // 2)
         self.scorer = nn.ModuleList([SCORER(cfg) for _ in range(enc.att_layer)])
         self.embed_fc = nn.Sequential(
-            nn.Linear(2 * enc.att_dim, enc.emb_dim), nn.Dropout(enc.dropout), nn.ReLU())
+            nn.Linear(2 * enc.att_dim, enc.emb_dim), Dropout(enc.dropout), nn.ReLU())
 
     def position_encoding(self, H, W):
         """Learned position encoding P (d, H, W): P[:, r, c] = concat(w_embedding[c], h_embedding[r])."""

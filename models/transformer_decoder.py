@@ -8,6 +8,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from utils.utils import Dropout
 
 NULL, UNK, START, END = 0, 1, 2, 3
 
@@ -59,7 +62,7 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(dec.att_dim, dec.att_dim)
         self.key = nn.Linear(dec.att_dim, dec.att_dim)
         self.value = nn.Linear(dec.att_dim, dec.att_dim)
-        self.dropout = nn.Dropout(dec.dropout)
+        self.dropout = Dropout(dec.dropout)
 
     def forward(self, query_states, key_states, value_states, attention_mask, cache=None):
         """query_states: (B, Lq, d); key/value_states: (B, Lk, d).
@@ -107,7 +110,7 @@ class CrossAttention(nn.Module):
         self.query = nn.Linear(dec.att_dim, dec.att_dim)
         self.key = nn.Linear(cfg.model.change_detector.emb_dim, dec.att_dim)
         self.value = nn.Linear(cfg.model.change_detector.emb_dim, dec.att_dim)
-        self.dropout = nn.Dropout(dec.dropout)
+        self.dropout = Dropout(dec.dropout)
 
     def forward(self, query_states, key_states, value_states, cache=None):
         """query_states: (B, L, d); key/value_states: (B, N, emb_dim).
@@ -156,7 +159,7 @@ class Output(nn.Module):
     def __init__(self, d, dropout):
         super().__init__()
         self.dense = nn.Linear(d, d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d, eps=1e-6)
 
     def forward(self, hidden):
@@ -174,6 +177,7 @@ class DecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.hidden_intermediate = Intermediate(d)
         self.output = Output(d, cfg.model.speaker.dropout)
+        self.recompute = cfg.train.recompute_attention
 
     def forward(self, x, mask, enc, cache=None):
         """x: (B, L, d); mask: (B, L, L) or None; enc: (B, N, emb_dim). Returns (B, L, d), (B, L, N)."""
@@ -182,7 +186,12 @@ class DecoderLayer(nn.Module):
             self_cache = cache.setdefault("self", {})
             cross_cache = cache.setdefault("cross", {})
         a = self.norm1(self.self_attention(x, x, x, mask, self_cache) + x)
-        context, attention = self.dec_enc_attention(a, enc, enc, cross_cache)
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            # The grid's projected keys and values (B, N, d) and the probabilities are rebuilt in
+            # backward instead of being stored, with the same dropout mask.
+            context, attention = checkpoint(self.dec_enc_attention, a, enc, enc, use_reentrant=False)
+        else:
+            context, attention = self.dec_enc_attention(a, enc, enc, cross_cache)
         c = self.norm2(a + context)
         return self.output(self.hidden_intermediate(c)), attention
 
@@ -194,7 +203,7 @@ class DynamicCore(nn.Module):
         self.embed = nn.Embedding(dec.vocab_size, dec.word_dim, padding_idx=NULL)
         self.position_enc = PositionEncoding(dec.word_dim, dec.seq_length)
         self.fc = nn.Sequential(
-            nn.Linear(dec.word_dim, dec.att_dim), nn.Dropout(dec.dropout),
+            nn.Linear(dec.word_dim, dec.att_dim), Dropout(dec.dropout),
             nn.LayerNorm(dec.att_dim, eps=1e-6))
         self.layer = nn.ModuleList([DecoderLayer(cfg) for _ in range(dec.layer)])
 

@@ -97,7 +97,7 @@ def straightforward(model, batch_size):
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     settings = [(m, "sparse_backward", False) for m in attentions + [model.cbr.contra]]
     settings += [(m, "mtm_chunk", batch_size) for m in attentions + [model.cbr.contra]]
-    settings += [(m, "recompute", False) for m in attentions + [model.cbr]]
+    settings += [(m, "recompute", False) for m in attentions + [model.cbr] + list(model.speaker.core.layer)]
     saved = [(m, name, getattr(m, name)) for m, name, _ in settings]
 
     def every_block(module, query_states, key_states, value_states, compute_similarity=True):

@@ -29,9 +29,12 @@ WORKDIR = ROOT  # data/demo and experiments/demo are relative to it (--workdir c
 DATA = "data/demo"
 EXPERIMENT = "experiments/demo"
 RENDER_SIZE = ("128", "96")  # width, height of the rendered images
-# Random-weight ResNet-101 features (no ImageNet weights offline) keep colour and shape only in the
-# early stages: layer1 on a 112 x 112 input (28 x 28 grid), averaged down to 7 x 7 for CPU speed.
-FEATURE_ARGS = ("--image_height", "112", "--image_width", "112", "--model_stage", "1", "--output_grid", "7")
+# Random-weight ResNet-101 features (no ImageNet weights offline) keep shape only in the early
+# stages: layer1 on a 112 x 112 input (28 x 28 grid), averaged down to 7 x 7 for CPU speed, plus 18
+# channels of colour statistics per cell (--append_color), which random filters keep too weakly to
+# tell a changed colour from a changed light.
+FEATURE_ARGS = ("--image_height", "112", "--image_width", "112", "--model_stage", "1", "--output_grid", "7",
+                "--append_color")
 IMAGE_FOLDERS = (("images", "features"), ("sc_images", "sc_features"), ("nsc_images", "nsc_features"))
 
 # Quality the demo must reach on the synthetic test split.
@@ -81,6 +84,28 @@ def start_visdom(port):
     return server
 
 
+def check_feature_settings(data, settings):
+    """Features on disk must come from this demo's extraction settings (an older checkout used others).
+
+    The settings are stamped next to the data before the first feature is written, so an interrupted
+    extraction resumes; features without a matching stamp stop the demo with what to do.
+    """
+    stamp = os.path.join(data, "feature_settings.json")
+    found = None
+    if os.path.exists(stamp):
+        with open(stamp) as handle:
+            found = json.load(handle)
+    elif not any(os.path.isdir(os.path.join(data, f)) and os.listdir(os.path.join(data, f))
+                 for _, f in IMAGE_FOLDERS):
+        with open(stamp, "w") as handle:
+            json.dump(settings, handle, indent=1)
+        return
+    if found != settings:
+        sys.exit(f"demo: the features under {data} were made with other settings ({found or 'unknown'}; this "
+                 f"demo uses {settings}).\nRun `make clean-demo` (it removes data/demo and experiments/demo) "
+                 f"and `make demo` again.")
+
+
 def best_iteration():
     with open(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")) as handle:
         return json.load(handle)["iteration"]
@@ -117,6 +142,7 @@ def main():
     weights = "imagenet" if imagenet_weights_present() else "random"
     print(f"\nfeatures use {weights} ResNet-101 weights"
           + ("" if weights == "imagenet" else " (no ImageNet checkpoint in the torch hub cache)"))
+    check_feature_settings(data, {"extract_features": list(FEATURE_ARGS), "weights": weights})
     for images, features in IMAGE_FOLDERS:
         stage(f"2. extract features {images} -> {features}",
               lambda: os.path.isdir(os.path.join(data, features)) and len(os.listdir(os.path.join(data, features)))

@@ -28,3 +28,20 @@ def test_demo_runs_every_stage_and_skips_them_the_second_time(tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:]
     assert second.stdout.count("already there: skipped") >= 9
+
+
+def test_features_from_other_settings_stop_the_demo(tmp_path):
+    import demo
+
+    settings = {"extract_features": list(demo.FEATURE_ARGS), "weights": "random"}
+    demo.check_feature_settings(str(tmp_path), settings)  # nothing there yet: stamped
+    assert json.loads((tmp_path / "feature_settings.json").read_text()) == settings
+    demo.check_feature_settings(str(tmp_path), settings)  # same settings: goes on
+
+    with pytest.raises(SystemExit, match="make clean-demo"):
+        demo.check_feature_settings(str(tmp_path), dict(settings, weights="imagenet"))
+    os.remove(tmp_path / "feature_settings.json")
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "CLEVR_default_000000.png.npy").write_bytes(b"")
+    with pytest.raises(SystemExit, match="other settings"):  # features of an older checkout, no stamp
+        demo.check_feature_settings(str(tmp_path), settings)

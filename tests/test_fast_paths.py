@@ -12,6 +12,7 @@ import torch
 import benchmark
 from tests.model_helpers import small_cfg
 from utils.engine import CaptionModel
+from utils.utils import Dropout
 
 SMALL = ["--batch_size", "4", "--grid", "3", "--steps", "1", "--cfg", "configs/dynamic/transformer_quick.yaml",
          "model.change_detector.feat_dim", "10", "model.change_detector.att_dim", "16",
@@ -37,6 +38,31 @@ def test_fast_model_step_and_generation_equal_the_straightforward_ones(beam_size
     assert check["grads_allclose"], check["max_grad_diff"]
 
 
+def test_cpu_dropout_drops_p_and_keeps_the_expectation():
+    layer = Dropout(0.1).train()
+    x = torch.rand(1000, 1000) + 0.5
+    y = layer(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 6554 / 65536) < 0.002  # p rounded to 1/65536; 0.002 is about 7 standard deviations
+    scale = 65536 / (65536 - 6554)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] * scale, rtol=1e-6, atol=0)
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.003  # unbiased
+    assert torch.equal(layer.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_cpu_dropout_gradient_and_seeding():
+    layer = Dropout(0.3).train()
+    x = torch.randn(64, 50, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, (y != 0).float() * (65536 / (65536 - round(0.3 * 65536))))
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), y)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
 @pytest.mark.snippets
 def test_straightforward_switches_the_fast_paths_off_and_back_on():
     cfg, model, batch = model_and_batch()
@@ -45,10 +71,12 @@ def test_straightforward_switches_the_fast_paths_off_and_back_on():
     with benchmark.straightforward(model, 4):
         assert not attention.sparse_backward and attention.mtm_chunk == 4 and not attention.recompute
         assert not model.cbr.recompute and not model.cbr.contra.sparse_backward
+        assert not any(layer.recompute for layer in model.speaker.core.layer)
         _, sim, _ = attention(*(torch.randn(2, 9, 16),) * 3, compute_similarity=False)
         calls.append(sim)
     assert calls[0] is not None  # the MTM runs at every block, asked or not
     assert attention.sparse_backward and attention.mtm_chunk == 2 and attention.recompute
+    assert all(layer.recompute for layer in model.speaker.core.layer)
     assert "forward" not in attention.__dict__ and "sample" not in model.speaker.__dict__
 
 

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import extract_features
-from extract_features import ExtractError, build_model, calibrate_batchnorm, extract, main
+from extract_features import MEAN, STD, ExtractError, build_model, calibrate_batchnorm, color_channels, extract, main
 
 
 @pytest.fixture
@@ -44,6 +44,45 @@ def test_output_grid_pools(few_images, tmp_path):
           "--output_grid", "2x3", "--max_images", "2", "--device", "cpu"])
     names = os.listdir(out)
     assert len(names) == 2 and np.load(out / names[0]).shape == (256, 2, 3)
+
+
+def test_append_color_adds_eighteen_channels(few_images, tmp_path):
+    plain, colored = tmp_path / "plain", tmp_path / "colored"
+    for out, extra in ((plain, []), (colored, ["--append_color"])):
+        main(["--input_image_dir", str(few_images), "--output_dir", str(out), "--model", "resnet18",
+              "--weights", "random", "--image_height", "64", "--image_width", "64", "--output_grid", "2",
+              "--max_images", "2", "--device", "cpu", *extra])
+    name = sorted(os.listdir(plain))[0]
+    a, b = np.load(plain / name), np.load(colored / name)
+    assert b.shape == (256 + 18, 2, 2)
+    np.testing.assert_array_equal(b[:256], a)
+
+
+def normalised(rgb):
+    return (rgb - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def test_color_channels_by_hand():
+    # Two cells of 2 x 2 pixels: the left one pure red, the right one grey 0.2 above and 0.6 below.
+    rgb = torch.zeros(1, 3, 2, 4)
+    rgb[0, 0, :, :2] = 1.0
+    rgb[0, :, 0, 2:], rgb[0, :, 1, 2:] = 0.2, 0.6
+    out = color_channels(normalised(rgb), (1, 2))[0, :, 0]  # (18, 2)
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    torch.testing.assert_close(out[0:3, 0], 3 * (torch.tensor([1.0, 0, 0]) - mean) / std)
+    torch.testing.assert_close(out[3:6, 0], torch.zeros(3), atol=1e-3, rtol=0)  # a flat colour
+    torch.testing.assert_close(out[3:6, 1], 3 * 0.2 / std, atol=1e-3, rtol=0)  # 0.2 and 0.6: sd 0.2
+    red = torch.tensor([2 / 3, -1 / 3, -1 / 3]) * 30
+    torch.testing.assert_close(out[6:18, 0], red.repeat_interleave(4))  # every quarter of the red cell
+    torch.testing.assert_close(out[6:18, 1], torch.zeros(12), atol=1e-5, rtol=0)  # grey: no chromaticity
+
+
+def test_color_quarters_locate_a_small_object():
+    rgb = torch.full((1, 3, 2, 2), 0.5)
+    rgb[0, :, 1, 1] = torch.tensor([0.0, 0.0, 1.0])  # one blue pixel in the lower right quarter
+    quarters = color_channels(normalised(rgb), (1, 1))[0, 6:, 0, 0].view(3, 4)  # (channel, quarter)
+    torch.testing.assert_close(quarters[:, 3], torch.tensor([-1 / 3, -1 / 3, 2 / 3]) * 30)
+    torch.testing.assert_close(quarters[:, :3], torch.zeros(3, 3), atol=1e-5, rtol=0)
 
 
 def test_batchnorm_calibration_tames_random_network():
