@@ -42,8 +42,9 @@ class _CpuDropout(torch.autograd.Function):
     """Dropout whose keep mask comes from 16-bit slices of random 64-bit integers.
 
     nn.Dropout draws one float per element from the CPU generator (about 10 ns each here); four
-    16-bit draws per 64-bit integer cost a quarter of that. The drop probability is rounded to a
-    multiple of 1/65536 (0.1 -> 0.100006) and the kept values are scaled by the exact 1/(1-p).
+    16-bit draws per 64-bit integer cost a quarter of that. The drop probability p is rounded to a
+    multiple of 1/65536 (0.1 -> 0.100006) and the kept values are scaled by 1/(1-p) of the rounded p,
+    so the expectation is kept exactly.
     The mask comes from the default generator, so seeding and checkpoint replay work as usual.
     """
 
