@@ -11,7 +11,6 @@ figures read off the captions. Then the best value of each metric across folders
 eval_results.txt (tables) and eval_results.json into --results_dir and prints the tables.
 """
 import argparse
-import json
 import os
 import re
 import sys
@@ -19,6 +18,7 @@ import time
 
 from utils.eval_utils import (CHANGE_TYPES, SCORERS, CaptionScorer, EvalError, change_detection,
                               load_references, load_results, load_type_mapping)
+from utils.fileio import write_json_atomic, write_text_atomic
 
 RESULT_FILES = ("sc_results.json", "nsc_results.json")
 SPLITS = ("semantic",) + CHANGE_TYPES + ("non_semantic", "total")
@@ -160,13 +160,6 @@ def format_report(report):
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score generated change captions.")
     parser.add_argument("--results_dir", required=True,
@@ -184,8 +177,8 @@ def main(argv=None):
         return 2
     report["seconds"] = round(time.monotonic() - start, 2)
     text = format_report(report)
-    _write_atomic(os.path.join(args.results_dir, OUTPUT_FILES[0]), text)
-    _write_atomic(os.path.join(args.results_dir, OUTPUT_FILES[1]), json.dumps(report, indent=2))
+    write_text_atomic(os.path.join(args.results_dir, OUTPUT_FILES[0]), text)
+    write_json_atomic(os.path.join(args.results_dir, OUTPUT_FILES[1]), report, indent=2)
     print(text, end="")
     print(f"wrote {', '.join(os.path.join(args.results_dir, n) for n in OUTPUT_FILES)} "
           f"({report['seconds']:.1f} s)")

@@ -10,10 +10,11 @@ import sys
 from tqdm import tqdm
 
 from configs.defaults import ConfigError, load_config
-from train import make_loader, write_json
+from train import make_loader
 from utils.checkpoint import SnapshotError
 from utils.dataset import DataError, RCCDataset
 from utils.engine import generate_captions, load_trained_model
+from utils.fileio import write_json_atomic
 from utils.utils import select_device
 
 
@@ -39,8 +40,8 @@ def run_test(cfg, iteration, beam_size=1, split="test"):
                                                     beam_size=beam_size, amp=cfg.train.amp, progress=progress)
     out_dir = os.path.join(cfg.exp_dir, cfg.exp_name, "test_output", "captions", split)
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "sc_results.json"), sc_results)
-    write_json(os.path.join(out_dir, "nsc_results.json"), nsc_results)
+    write_json_atomic(os.path.join(out_dir, "sc_results.json"), sc_results)
+    write_json_atomic(os.path.join(out_dir, "nsc_results.json"), nsc_results)
     print(f"wrote {len(sc_results)} + {len(nsc_results)} captions to {out_dir}")
     return out_dir
 

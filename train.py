@@ -21,6 +21,7 @@ from utils.dataset import DataError, RCCDataset
 from utils.distributed import DistributedError
 from utils.engine import CaptionModel, autocast_context, generate_captions, move_batch
 from utils.eval_utils import java_executable, load_references, score_captions
+from utils.fileio import write_json_atomic
 from utils.logger import Dashboard
 from utils.utils import select_device, set_seed
 
@@ -117,21 +118,14 @@ def make_snapshot(model, optimizer, scheduler, iteration, cfg, vocab):
     }
 
 
-def write_json(path, data):
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp_path, path)
-
-
 def validate(model, val_loader, val_set, references, cfg, device, iteration, exp_root):
     """Greedy captions for the validation split, written as COCO results, and their BLEU-4 and CIDEr."""
     sc_results, nsc_results = generate_captions(model, val_loader, val_set.idx_to_word, device,
                                                 beam_size=cfg.train.beam_size, amp=cfg.train.amp)
     out_dir = os.path.join(exp_root, "eval_sents", f"{cfg.exp_name}_sents_{iteration}")
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "sc_results.json"), sc_results)
-    write_json(os.path.join(out_dir, "nsc_results.json"), nsc_results)
+    write_json_atomic(os.path.join(out_dir, "sc_results.json"), sc_results)
+    write_json_atomic(os.path.join(out_dir, "nsc_results.json"), nsc_results)
     scores = score_captions(sc_results + nsc_results, references, metrics=("Bleu", "CIDEr"))
     return {"BLEU-4": scores["Bleu_4"], "CIDEr": scores["CIDEr"]}, sc_results, nsc_results
 
@@ -297,7 +291,7 @@ def do_train(cfg, resume=False):
                                                  iteration, exp_root)
                 if best is None or scores["CIDEr"] > best["CIDEr"]:
                     best = {"iteration": iteration, **scores, "snapshot": last_snapshot}
-                    write_json(best_path, best)
+                    write_json_atomic(best_path, best)
                 log({"iteration": iteration, "split": "val", **scores},
                     f"iter {iteration}: val BLEU-4 {scores['BLEU-4']:.4f} CIDEr {scores['CIDEr']:.4f} "
                     f"(best CIDEr {best['CIDEr']:.4f} at {best['iteration']}); snapshot {last_snapshot}")

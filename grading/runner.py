@@ -22,12 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-
-def write_json(path, data):
-    partial = path + ".tmp"
-    with open(partial, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(partial, path)
+from utils.fileio import write_json_atomic  # noqa: E402
 
 
 def _where(error, files):
@@ -84,7 +79,7 @@ def _child_main(job):
         os.dup2(log, 2)
         import torch
         torch.set_num_threads(1)
-        write_json(job["result"], run_job(job))
+        write_json_atomic(job["result"], run_job(job))
         code = 0
     except BaseException:
         traceback.print_exc()  # into the log; the runner reports its tail
@@ -145,11 +140,11 @@ def run_all(jobs, parallel, timeout):
             result_file = child.job["result"]
             if status is None:
                 child.kill()
-                write_json(result_file, {"passed": False, "seconds": round(elapsed, 2), "message":
+                write_json_atomic(result_file, {"passed": False, "seconds": round(elapsed, 2), "message":
                                          f"stopped after {timeout:g} s: an endless loop, or far too slow"})
             elif not os.path.exists(result_file):
                 tail = _log_tail(child.job["log"])
-                write_json(result_file, {"passed": False, "seconds": round(elapsed, 2), "message":
+                write_json_atomic(result_file, {"passed": False, "seconds": round(elapsed, 2), "message":
                                          f"the check process ended (exit status {status}) without a "
                                          f"result" + (f"; its last output: {tail}" if tail else "")})
 

@@ -35,6 +35,7 @@ import visualize  # noqa: E402
 from configs.defaults import ConfigError, load_config  # noqa: E402
 from utils.checkpoint import SnapshotError, list_snapshots  # noqa: E402
 from utils.dataset import CHANGE_TYPES, DataError  # noqa: E402
+from utils.fileio import write_text_atomic  # noqa: E402
 
 SHOWN_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 VAL_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -407,13 +408,6 @@ def render_html(info, cfg_path):
     return "\n".join(out)
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def make_report(cfg, exp_root=None, snapshot=None, draw_figures=True, cfg_path="CONFIG"):
     """Writes report.md and report.html under <exp_root>/report; returns their paths."""
     exp_root = exp_root or os.path.join(cfg.exp_dir, cfg.exp_name)
@@ -430,8 +424,8 @@ def make_report(cfg, exp_root=None, snapshot=None, draw_figures=True, cfg_path="
     os.makedirs(info["report_dir"], exist_ok=True)
     md_path = os.path.join(info["report_dir"], "report.md")
     html_path = os.path.join(info["report_dir"], "report.html")
-    _write_atomic(md_path, render_markdown(info, cfg_path))
-    _write_atomic(html_path, render_html(info, cfg_path))
+    write_text_atomic(md_path, render_markdown(info, cfg_path))
+    write_text_atomic(html_path, render_html(info, cfg_path))
     return md_path, html_path
 
 

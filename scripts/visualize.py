@@ -37,6 +37,7 @@ from utils.checkpoint import SnapshotError  # noqa: E402
 from utils.dataset import CHANGE_TYPES, DataError, RCCDataset  # noqa: E402
 from utils.engine import load_trained_model  # noqa: E402
 from utils.eval_utils import EvalError, classify_caption, load_references  # noqa: E402
+from utils.fileio import write_json_atomic  # noqa: E402
 from utils.utils import decode_sequence, select_device  # noqa: E402
 
 INDEX_FILE = "triplets.json"
@@ -56,11 +57,6 @@ class VisualizeError(ValueError):
 
 def default_output_dir(cfg):
     return os.path.join(cfg.exp_dir, cfg.exp_name, "figures")
-
-
-def load_model(cfg, iteration, device):
-    """(model in eval mode, idx_to_word, model config) rebuilt from a snapshot as test.py does."""
-    return load_trained_model(cfg, iteration, device)
 
 
 def select_indices(dataset, ids=None, per_type=None, random_n=None, seed=0):
@@ -277,10 +273,7 @@ def _update_index(output_dir, entries):
                 existing = []  # an index we cannot read is rebuilt from this run
     new_files = {e["file"] for e in entries}
     merged = [e for e in existing if e.get("file") not in new_files] + entries
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(merged, handle, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, merged)
     return path
 
 
@@ -289,7 +282,7 @@ def make_figures(cfg, iteration, ids=None, per_type=None, random_n=None, seed=0,
     """Draws one PNG per chosen scene; returns the index entries (file paths under output_dir)."""
     output_dir = output_dir or default_output_dir(cfg)
     device = select_device(cfg.gpu_id)
-    model, idx_to_word, model_cfg = load_model(cfg, iteration, device)
+    model, idx_to_word, model_cfg = load_trained_model(cfg, iteration, device)
     dataset = RCCDataset(model_cfg, split)
     indices = select_indices(dataset, ids, per_type, random_n, seed)
     try:

@@ -9,6 +9,7 @@ from PIL import Image
 import visualize
 from tests.report_fixtures import tiny_experiment  # noqa: F401  (pytest fixture)
 from utils.dataset import CHANGE_TYPES, RCCDataset
+from utils.engine import load_trained_model
 
 
 
@@ -52,7 +53,7 @@ def test_attention_rows_add_two_image_rows(tiny_experiment, tmp_path):  # noqa: 
 @pytest.mark.snippets  # the fixture trains the model
 def test_attention_maps_cover_the_feature_grid(tiny_experiment):  # noqa: F811
     exp = tiny_experiment
-    model, idx_to_word, model_cfg = visualize.load_model(exp["cfg"], exp["iteration"], torch.device("cpu"))
+    model, idx_to_word, model_cfg = load_trained_model(exp["cfg"], exp["iteration"], torch.device("cpu"))
     dataset = RCCDataset(model_cfg, "test")
     records = visualize.caption_scenes(model, dataset, [0, 1], idx_to_word, torch.device("cpu"))
     H, W = dataset.feature_shape[1:]
