@@ -13,9 +13,9 @@ from configs.defaults import ConfigError, load_config
 from train import make_loader
 from utils.checkpoint import SnapshotError
 from utils.dataset import DataError, RCCDataset
-from utils.engine import generate_captions, load_trained_model
+from models.captioner import generate_captions, load_trained_model
 from utils.fileio import write_json_atomic
-from utils.utils import select_device
+from utils.device import select_device
 
 
 def parse_args(argv=None):

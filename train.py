@@ -19,11 +19,12 @@ from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, c
 from utils import distributed
 from utils.dataset import DataError, RCCDataset
 from utils.distributed import DistributedError
-from utils.engine import CaptionModel, autocast_context, generate_captions, move_batch
+from models.captioner import CaptionModel, generate_captions
+from utils.device import autocast_context, move_batch, select_device
 from utils.eval_utils import java_executable, load_references, score_captions
 from utils.fileio import write_json_atomic
 from utils.logger import Dashboard
-from utils.utils import select_device, set_seed
+from utils.utils import set_seed
 
 
 class TrainingError(RuntimeError):
@@ -164,7 +165,7 @@ def do_train(cfg, resume=False):
         with open(os.path.join(exp_root, "config.yaml"), "w") as handle:
             handle.write(cfg.dump())
 
-    model = CaptionModel(cfg).to(device)
+    model = CaptionModel(cfg, recompute=cfg.train.recompute_attention).to(device)
     optim = cfg.train.optim
     optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                  eps=optim.eps, weight_decay=optim.weight_decay)

@@ -30,6 +30,7 @@ _C.model.change_detector.dropout = 0.1  # dropout on attention maps and after em
 _C.model.change_detector.mtm = "sum"  # "sum": dot product over all heads (reference); "per_head": mean of per-head TMs
 _C.model.change_detector.mtm_chunk = 4  # batch rows per MTM chunk: bounds the B x B x N x N memory
 _C.model.change_detector.mtm_sparse_backward = True  # MTM backward from the argmax indices (same result, faster)
+_C.model.change_detector.encoder = "scorer"  # "scorer" (the paper); "subtraction": no SCORER blocks, no L_cv (ablation, models/baselines.py)
 
 _C.model.speaker = CN()  # the transformer decoder (models/transformer_decoder.py: Speaker)
 _C.model.speaker.word_dim = 300  # word embedding width
@@ -86,7 +87,7 @@ _C.train.grad_clip = -1.0  # clip the global gradient norm to this; <= 0 disable
 _C.train.max_logit_scale = 4.605170185988092  # log(100): clamp of the logit scales after each step
 _C.train.amp = "none"  # "none", "bf16" or "fp16": autocast dtype, used on GPU only
 _C.train.beam_size = 1  # beam width of the validation captions (1 is greedy)
-_C.train.recompute_attention = True  # rebuild the attention blocks (encoder, CBR, decoder cross-attention) in backward instead of storing their activations: less memory, same results
+_C.train.recompute_attention = False  # rebuild the attention blocks (encoder, CBR, decoder cross-attention) in backward instead of storing their activations: less memory, same results, slower
 _C.train.compile = False  # torch.compile the model (worth it on a GPU; the first steps compile, slowly)
 _C.train.on_nonfinite_loss = "stop"  # "stop": end with an error at a NaN/Inf loss; "skip": drop that batch
 
@@ -115,6 +116,7 @@ def get_cfg_defaults():
 # Keys whose value must be one of a few words.
 _CHOICES = {
     "model.change_detector.mtm": ("sum", "per_head"),
+    "model.change_detector.encoder": ("scorer", "subtraction"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
     "train.optim.type": ("adam",),

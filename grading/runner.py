@@ -1,28 +1,27 @@
 """Runs grading checks, each in its own child process with a time limit.
 
     python -m grading.runner JOBS.json --parallel N --timeout SECONDS
+    python -m grading.runner --smoke          # in a project copy: its smoke run, as one JSON line
 
 JOBS.json lists jobs ({"kind": "snippet" or "smoke", "snippet", "rel", "project", "result", "log"}).
 This process imports torch and the reference modules once and forks a child per check, so a check
 starts in milliseconds (hence Linux or macOS: os.fork is needed). Student code only
 ever runs in a child: a crash, an endless loop or a stray sys.exit costs that check alone. Each
 child writes {"passed", "message", "seconds"} to its job's result file; the runner writes the
-result of a child that timed out or died without one.
+result of a child that timed out or died without one. The smoke run needs the submission's whole
+model, so its child starts a fresh interpreter inside the project copy (--smoke).
 """
 import argparse
 import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from utils.fileio import write_json_atomic  # noqa: E402
+from utils.fileio import write_json_atomic
 
 
 def _where(error, files):
@@ -43,17 +42,49 @@ def describe(error, files):
     return f"raises {type(error).__name__}{detail}{_where(error, files)}"
 
 
+def _student_files(project):
+    """{path: relative name} of the four student files in the project copy (for error locations)."""
+    from grading import checks
+
+    files = {os.path.join(project, rel): rel for rel in checks.REFERENCE_MODULES}
+    files.update({os.path.realpath(path): rel for path, rel in files.items()})
+    return files
+
+
+def smoke_here():
+    """The smoke run of the project in the current folder, as a result dict (python -m grading.runner --smoke)."""
+    from grading import checks
+
+    try:
+        return {"passed": True, "message": checks.smoke_run()}
+    except checks.Mismatch as mismatch:
+        return {"passed": False, "message": str(mismatch)}
+    except BaseException as error:  # anything the student's code throws, SystemExit included
+        return {"passed": False, "message": describe(error, _student_files(os.getcwd()))}
+
+
+def _smoke_in(project):
+    """Runs the smoke run in a fresh interpreter in ``project``: there models/ and utils/ are the student's."""
+    done = subprocess.run([sys.executable, "-m", "grading.runner", "--smoke"], cwd=project,
+                          capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        return {"passed": False, "message": f"the smoke run ended (exit status {done.returncode}) without a "
+                                            f"result; its last output: {done.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
 def run_job(job):
     """Runs one check in this (child) process; returns its result dict."""
     from grading import checks
 
     started = time.monotonic()
     project = job["project"]
-    files = {os.path.join(project, rel): rel for rel in checks.REFERENCE_MODULES}
-    files.update({os.path.realpath(path): rel for path, rel in files.items()})
+    files = _student_files(project)
     try:
         if job["kind"] == "smoke":
-            message = checks.smoke_run(project)
+            result = _smoke_in(project)
+            passed, message = result["passed"], result["message"]
         else:
             rel = job["rel"]
             try:
@@ -62,7 +93,7 @@ def run_job(job):
                 raise checks.Mismatch(f"{rel} could not be imported: {describe(error, files)}") from None
             reference = importlib.import_module(checks.REFERENCE_MODULES[rel])
             message = checks.SNIPPET_CHECKS[job["snippet"]](module, rel, reference)
-        passed = True
+            passed = True
     except checks.Mismatch as mismatch:
         passed, message = False, str(mismatch)
     except BaseException as error:  # anything the student's code throws, SystemExit included
@@ -151,10 +182,14 @@ def run_all(jobs, parallel, timeout):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("jobs", help="JSON list of jobs")
+    parser.add_argument("jobs", nargs="?", help="JSON list of jobs")
+    parser.add_argument("--smoke", action="store_true", help="print the smoke run of the project in this folder")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
+    if args.smoke:
+        print(json.dumps(smoke_here()))
+        return
     with open(args.jobs) as f:
         jobs = json.load(f)
     # Imported once here so every forked child starts with them loaded; no tensor is computed

@@ -1,10 +1,12 @@
-"""Cross-modal backward reasoning (CBR): rebuild the "after" view from the "before" view and the caption."""
+"""Cross-modal backward reasoning (CBR): rebuild the "after" view from the "before" view and the caption.
+
+Shapes: B batch, N grid tokens, L caption positions, d = att_dim.
+"""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from models.SCORER import token_wise_similarity
+from models.mtm import token_wise_similarity
 
 
 class CrossEn(nn.Module):
@@ -27,15 +29,15 @@ class ContraAttention(nn.Module):
         super().__init__()
         d = cfg.model.cbr.att_dim
         self.mtm_chunk = cfg.model.change_detector.mtm_chunk
-        self.sparse_backward = cfg.model.change_detector.mtm_sparse_backward
+        self.mtm_sparse_backward = cfg.model.change_detector.mtm_sparse_backward
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, hal_tokens, aft_tokens):
-        """hal_tokens, aft_tokens: (B, N, d) -> S (B, B)."""
+        """hal_tokens, aft_tokens: (B, N, d) -> S (B, B) (models/mtm.py)."""
         return token_wise_similarity(self.query(hal_tokens), self.key(aft_tokens), self.logit_scale,
-                                     heads=1, chunk=self.mtm_chunk, sparse_backward=self.sparse_backward)
+                                     chunk=self.mtm_chunk, sparse_backward=self.mtm_sparse_backward)
 
 
 class CBR(nn.Module):
@@ -50,30 +52,22 @@ class CBR(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv2d(d, d, kernel_size=1))
         self.contra = ContraAttention(cfg)
         self.cross_entropy = CrossEn()
-        self.recompute = cfg.train.recompute_attention
 
     def forward(self, bef_tokens, sent_hidden, aft_tokens, caption_mask):
         """bef_tokens, aft_tokens: (B, N, d); sent_hidden: (B, L, d); caption_mask: (B, L).
 
         Returns the cross-modal loss L_cm = (InfoNCE(S) + InfoNCE(S^T)) / 2.
         """
-        d = bef_tokens.size(-1)
-        # Quirk kept from the reference: the mean divides by L, not by the caption's length.
+        B, N, d = bef_tokens.shape
+        # T: quirk kept from the reference, the mean divides by L, not by the caption's length.
         sentence = (sent_hidden * caption_mask.unsqueeze(-1).to(sent_hidden.dtype)).mean(dim=1)  # (B, d)
-        # A 1x1 convolution is a linear map per token. conv1 over concat(bef, sentence broadcast over
-        # the tokens) splits into its "before" half per token plus its sentence half once per pair,
-        # which spares the (B, 2d, N) concatenation and half the products.
-        weight = self.conv1.weight.view(d, 2 * d)  # (d, 2d)
-        hallucinated = (F.linear(bef_tokens, weight[:, :d], self.conv1.bias)
-                        + F.linear(sentence, weight[:, d:]).unsqueeze(1))  # (B, N, d)
-        if self.recompute and torch.is_grad_enabled():
-            # Rebuilt in backward: of the block's activations (projections, attention output) only
-            # its input is kept.
-            attended, _ = checkpoint(self.mh_att, hallucinated, hallucinated, hallucinated, need_weights=False,
-                                     use_reentrant=False)  # (B, N, d)
-        else:
-            attended, _ = self.mh_att(hallucinated, hallucinated, hallucinated, need_weights=False)  # (B, N, d)
-        conv2 = self.conv2[0]
-        hal_tokens = F.linear(attended, conv2.weight.view(d, d), conv2.bias)  # (B, N, d), conv2 per token
+        # 1x1 convolutions see each grid cell alone, so the N tokens stand as an N x 1 map.
+        bef_map = bef_tokens.transpose(1, 2).unsqueeze(-1)  # (B, d, N, 1)
+        sentence_map = sentence.view(B, d, 1, 1).expand(B, d, N, 1)  # T broadcast over the grid
+        hallucinated = self.conv1(torch.cat([bef_map, sentence_map], dim=1))  # X^_hal (B, d, N, 1)
+        tokens = hallucinated.flatten(2).transpose(1, 2)  # (B, N, d)
+        attended, _ = self.mh_att(tokens, tokens, tokens, need_weights=False)  # MHSA, (B, N, d)
+        hal_map = self.conv2(attended.transpose(1, 2).unsqueeze(-1))  # X~_hal (B, d, N, 1)
+        hal_tokens = hal_map.flatten(2).transpose(1, 2)  # (B, N, d)
         sim = self.contra(hal_tokens, aft_tokens)  # (B, B)
         return (self.cross_entropy(sim) + self.cross_entropy(sim.t())) / 2

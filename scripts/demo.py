@@ -19,10 +19,10 @@ import subprocess
 import sys
 import time
 
+from configs.defaults import load_config
+from utils.visdom_server import VisdomServerError, start_server, stop_server, wait_for_index
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs.defaults import load_config  # noqa: E402
-from setup_visdom_offline import SetupError, start_server, stop_server, wait_for_index  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs/dynamic/transformer_demo.yaml")
 WORKDIR = ROOT  # data/demo and experiments/demo are relative to it (--workdir changes it)
@@ -79,7 +79,7 @@ def start_visdom(port):
     try:
         wait_for_index(port, server)
         print(f"  dashboard: http://127.0.0.1:{port}/env/demo (open it to watch training)")
-    except SetupError as err:
+    except VisdomServerError as err:
         print(f"  {err}; training goes on without the dashboard (see {log.name})")
     return server
 

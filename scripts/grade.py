@@ -12,13 +12,10 @@ gradients), then a short training run on a fixed random batch must lower the los
 with --timeout seconds.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from grading import GradingError  # noqa: E402
-from grading.grader import batch_submissions, format_table, grade, write_csv, write_json_reports  # noqa: E402
+from grading import GradingError
+from grading.grader import batch_submissions, format_table, grade, write_csv, write_json_reports
 
 
 def main(argv=None):

@@ -15,10 +15,8 @@ import sys
 import tarfile
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from grading import GradingError  # noqa: E402
-from grading.snippets import (ASSIGNMENT_FILES, REPO, assignment_blocks, blank_text,  # noqa: E402
+from grading import GradingError
+from grading.snippets import (ASSIGNMENT_FILES, REPO, assignment_blocks, blank_text,
                               blanked_positions, is_excluded, project_files, read_text)
 
 

@@ -20,22 +20,23 @@ import html
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-import visualize  # noqa: E402
 from configs.defaults import ConfigError, load_config  # noqa: E402
 from utils.checkpoint import SnapshotError, list_snapshots  # noqa: E402
-from utils.dataset import CHANGE_TYPES, DataError  # noqa: E402
+from utils.dataset import DataError  # noqa: E402
 from utils.fileio import write_text_atomic  # noqa: E402
+from utils.text import CHANGE_TYPES  # noqa: E402
+
+VISUALIZE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "visualize.py")
+FIGURE_INDEX = "triplets.json"  # written by scripts/visualize.py next to its figures
 
 SHOWN_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 VAL_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -202,6 +203,21 @@ def choose_snapshot(cfg, best):
     return available[-1] if available else None
 
 
+def draw_with_visualize(cfg, snapshot, figures_dir):
+    """One figure per change type (the first test scene of each) by scripts/visualize.py."""
+    with tempfile.TemporaryDirectory(prefix="report-") as folder:
+        cfg_file = os.path.join(folder, "config.yaml")
+        with open(cfg_file, "w") as handle:
+            handle.write(cfg.dump())
+        done = subprocess.run([sys.executable, VISUALIZE, "--cfg", cfg_file, "--snapshot", str(snapshot),
+                               "--per_type", "1", "--output_dir", figures_dir, "--attention"],
+                              capture_output=True, text=True)
+    if done.returncode:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        raise ReportError(errors[-1][len("error: "):] if errors else
+                          f"scripts/visualize.py failed (exit {done.returncode}): {done.stderr[-1500:]}")
+
+
 def figure_entries(cfg, figures_dir, snapshot, draw):
     """(entries of triplets.json, note): draws one figure per change type when the folder has none."""
     has_png = os.path.isdir(figures_dir) and any(n.endswith(".png") for n in os.listdir(figures_dir))
@@ -209,9 +225,9 @@ def figure_entries(cfg, figures_dir, snapshot, draw):
     if not has_png and draw:
         if snapshot is None:
             return [], "No triplet figures: the experiment has no snapshot yet (train first)."
-        visualize.make_figures(cfg, snapshot, per_type=1, output_dir=figures_dir, attention=True)
+        draw_with_visualize(cfg, snapshot, figures_dir)
         note = f"Figures drawn now from snapshot {snapshot}, the first test scene of each change type."
-    index = os.path.join(figures_dir, visualize.INDEX_FILE)
+    index = os.path.join(figures_dir, FIGURE_INDEX)
     if os.path.isfile(index):
         entries = [e for e in _read_json(index) if os.path.isfile(os.path.join(figures_dir, e["file"]))]
     elif has_png:
@@ -441,7 +457,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.cfg, args.opts)
         paths = make_report(cfg, args.exp_dir, args.snapshot, not args.no_figures, args.cfg)
-    except (ConfigError, DataError, SnapshotError, ReportError, visualize.VisualizeError, ValueError) as err:
+    except (ConfigError, DataError, SnapshotError, ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("wrote " + " and ".join(paths))

@@ -18,11 +18,7 @@ import sys
 import h5py
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from utils.text import build_vocab, encode, tokenize  # noqa: E402
+from utils.text import build_vocab, encode, tokenize
 
 
 class PreprocessError(Exception):

@@ -16,14 +16,12 @@ import argparse
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
-import urllib.error
-import urllib.request
+
+from utils.visdom_server import VisdomServerError, free_port, start_server, stop_server, wait_for_index
 
 # npm package -> {path inside the package: (visdom static sub-folder, file name visdom uses)}.
 # The file names are those of visdom 0.2.4's download_scripts (visdom/server/build.py).
@@ -172,48 +170,6 @@ def install(force=False):
     return static_dir
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(port, env_path, log_file):
-    """Start `python -m visdom.server` listening on 127.0.0.1:port only (-bind_local; --hostname
-    alone changes just the address visdom prints); returns the Popen (caller stops it)."""
-    cmd = [sys.executable, "-m", "visdom.server", "-port", str(port), "--hostname", "127.0.0.1",
-           "-bind_local", "-env_path", env_path]
-    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-
-
-def stop_server(proc):
-    """Stop a server from start_server: terminate, and kill it if it lingers."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def wait_for_index(port, proc, timeout=30.0):
-    """Poll the index page until it answers; returns the HTTP status (raises on timeout)."""
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SetupError(f"the visdom server exited with code {proc.returncode} before "
-                             f"answering on {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.status
-        except urllib.error.HTTPError as err:
-            return err.code
-        except (urllib.error.URLError, ConnectionError, socket.timeout):
-            time.sleep(0.2)
-    raise SetupError(f"the visdom server did not answer on {url} within {timeout:.0f} s")
-
-
 def check():
     """Start a server on a free port, fetch its index page, expect 200."""
     port = free_port()
@@ -222,7 +178,7 @@ def check():
         proc = start_server(port, env_path, log)
         try:
             status = wait_for_index(port, proc)
-        except SetupError as err:
+        except VisdomServerError as err:
             log.seek(0)
             raise SetupError(f"{err}\nserver output:\n{log.read()[-3000:]}") from None
         finally:
@@ -243,7 +199,7 @@ def main(argv=None):
         install(force=args.force)
         if args.check:
             check()
-    except SetupError as err:
+    except (SetupError, VisdomServerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -20,25 +20,24 @@ import random
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-import matplotlib  # noqa: E402
+from configs.defaults import ConfigError, load_config
+from models.captioner import load_trained_model
+from utils.checkpoint import SnapshotError
+from utils.dataset import DataError, RCCDataset
+from utils.device import select_device
+from utils.eval_utils import EvalError, classify_caption, load_references
+from utils.fileio import write_json_atomic
+from utils.text import CHANGE_TYPES
+from utils.utils import decode_sequence
 
 matplotlib.use("Agg")  # files only: no display on the training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from configs.defaults import ConfigError, load_config  # noqa: E402
-from utils.checkpoint import SnapshotError  # noqa: E402
-from utils.dataset import CHANGE_TYPES, DataError, RCCDataset  # noqa: E402
-from utils.engine import load_trained_model  # noqa: E402
-from utils.eval_utils import EvalError, classify_caption, load_references  # noqa: E402
-from utils.fileio import write_json_atomic  # noqa: E402
-from utils.utils import decode_sequence, select_device  # noqa: E402
 
 INDEX_FILE = "triplets.json"
 FIG_WIDTH = 15.0  # inches; three panels of 5 inches

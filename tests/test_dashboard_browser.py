@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.visdom_fixtures import visdom_server  # noqa: F401  (pytest fixture)
 from utils.logger import Dashboard
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 from utils.dataset import CHANGE_TYPES, DataError, RCCDataset, build_dataloader
 from utils.text import decode
 

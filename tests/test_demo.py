@@ -31,7 +31,7 @@ def test_demo_runs_every_stage_and_skips_them_the_second_time(tmp_path):
 
 
 def test_features_from_other_settings_stop_the_demo(tmp_path):
-    import demo
+    from scripts import demo
 
     settings = {"extract_features": list(demo.FEATURE_ARGS), "weights": "random"}
     demo.check_feature_settings(str(tmp_path), settings)  # nothing there yet: stamped

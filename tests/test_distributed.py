@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from tests.model_helpers import small_cfg
+from tests.helpers import small_cfg
 from utils import distributed
-from utils.engine import CaptionModel
+from models.captioner import CaptionModel
 
 WORLD = 2
 BATCH = 4  # global batch: 2 scene ids per rank

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-import extract_features
-from extract_features import MEAN, STD, ExtractError, build_model, calibrate_batchnorm, color_channels, extract, main
+from scripts import extract_features
+from scripts.extract_features import MEAN, STD, ExtractError, build_model, calibrate_batchnorm, color_channels, extract, main
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from generate_synthetic_clevr import (CHANGE_TYPES, COLORS, IMAGE_DIRS, IMAGE_NAMES, generate,
+from scripts.generate_synthetic_clevr import (CHANGE_TYPES, COLORS, IMAGE_DIRS, IMAGE_NAMES, generate,
                                       main)
 from utils.text import CLEVR_CHANGE_WORDS, tokenize
 

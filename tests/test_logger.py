@@ -6,8 +6,7 @@ import warnings
 import pytest
 import visdom
 
-from scripts.setup_visdom_offline import free_port
-from tests.visdom_fixtures import visdom_server  # noqa: F401  (pytest fixture)
+from utils.visdom_server import free_port
 from utils.logger import Dashboard, visdom_env_name
 
 

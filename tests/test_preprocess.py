@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from preprocess_captions_transformer import PreprocessError, main, preprocess
+from scripts.preprocess_captions_transformer import PreprocessError, main, preprocess
 from utils.text import SPECIAL_TOKENS, build_vocab, decode, encode, tokenize
 
 

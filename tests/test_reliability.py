@@ -30,12 +30,12 @@ import torch
 
 import test as test_script
 import train
-from tests.conftest import tiny_cfg
-from tests.test_pipeline import SMALL_MODEL
+from tests.helpers import tiny_cfg
+from tests.helpers import SMALL_MODEL
 from utils import checkpoint
 from utils.checkpoint import SnapshotError, list_snapshots, load_snapshot, save_snapshot, snapshot_path
 from utils.dataset import DataError, RCCDataset
-from utils.engine import CaptionModel
+from models.captioner import CaptionModel
 from utils.eval_utils import EvalError
 
 pytestmark = pytest.mark.snippets  # most tests build or train the model
@@ -539,10 +539,10 @@ def visdom_server_options(cmd, monkeypatch):
     return started
 
 
-@pytest.mark.parametrize("starter", ["scripts/demo.py", "scripts/setup_visdom_offline.py"])
+@pytest.mark.parametrize("starter", ["scripts/demo.py", "utils/visdom_server.py"])
 def test_visdom_servers_started_by_the_project_listen_on_localhost_only(starter, tmp_path, monkeypatch):
-    import demo
-    import setup_visdom_offline
+    from scripts import demo
+    from utils import visdom_server
 
     commands = []
 
@@ -558,7 +558,7 @@ def test_visdom_servers_started_by_the_project_listen_on_localhost_only(starter,
         monkeypatch.setattr(demo, "wait_for_index", lambda port, server: 200)
         demo.start_visdom(8097)
     else:
-        setup_visdom_offline.start_server(8097, str(tmp_path), None)
+        visdom_server.start_server(8097, str(tmp_path), None)
     [cmd] = commands
     # --hostname only changes the address visdom prints; -bind_local makes it listen on 127.0.0.1
     # (without it tornado listens on every interface).

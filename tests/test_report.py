@@ -6,9 +6,8 @@ import shutil
 import pytest
 from PIL import Image
 
-import make_report
-import visualize
-from tests.report_fixtures import tiny_experiment  # noqa: F401  (pytest fixture)
+from scripts import make_report
+from scripts import visualize
 
 pytestmark = pytest.mark.snippets  # the fixture trains the model
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import visualize
-from tests.report_fixtures import tiny_experiment  # noqa: F401  (pytest fixture)
+from scripts import visualize
 from utils.dataset import CHANGE_TYPES, RCCDataset
-from utils.engine import load_trained_model
+from models.captioner import load_trained_model
 
 
 

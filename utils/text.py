@@ -1,4 +1,4 @@
-"""Caption tokenising, encoding and decoding shared by preprocessing and the loader.
+"""The words of CLEVR-Change: special tokens and their ids, change types, tokenising, encoding, decoding.
 
 The rules follow DATA.md: lower-case; '.' and '?' removed; ',' and ';' become tokens of their
 own; split on whitespace; <START> and <END> wrap every encoded caption.
@@ -6,7 +6,11 @@ own; split on whitespace; <START> and <END> wrap every encoded caption.
 import re
 
 NULL, UNK, START, END = "<NULL>", "<UNK>", "<START>", "<END>"
-SPECIAL_TOKENS = {NULL: 0, UNK: 1, START: 2, END: 3}
+NULL_ID, UNK_ID, START_ID, END_ID = 0, 1, 2, 3
+SPECIAL_TOKENS = {NULL: NULL_ID, UNK: UNK_ID, START: START_ID, END: END_ID}
+
+# The five kinds of semantic change, in the order the real splits.json groups its ids.
+CHANGE_TYPES = ("color", "material", "add", "drop", "move")
 
 # The 72 words of the real CLEVR-Change vocabulary (DATA.md section 1). The synthetic generator
 # may use only these, so that models and vocab files carry over between both data sets.
@@ -43,14 +47,13 @@ def encode(tokens, vocab):
 
     Returns (ids, number of unknown words).
     """
-    unk = vocab[UNK]
-    ids = [vocab[START]]
+    ids = [START_ID]
     unknown = 0
     for word in tokens:
-        idx = vocab.get(word, unk)
-        unknown += idx == unk
+        idx = vocab.get(word, UNK_ID)
+        unknown += idx == UNK_ID
         ids.append(idx)
-    ids.append(vocab[END])
+    ids.append(END_ID)
     return ids, unknown
 
 
@@ -62,9 +65,9 @@ def decode(ids, idx_to_word):
     words = []
     for idx in ids:
         idx = int(idx)
-        if idx == SPECIAL_TOKENS[START]:
+        if idx == START_ID:
             continue
-        if idx in (SPECIAL_TOKENS[END], SPECIAL_TOKENS[NULL]):
+        if idx in (END_ID, NULL_ID):
             break
         words.append(idx_to_word[idx])
     return " ".join(words)

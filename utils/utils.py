@@ -1,4 +1,4 @@
-"""Helpers shared by train.py and test.py: losses, captions, seeds, devices."""
+"""Losses and helpers shared by training and testing: InfoNCE, caption targets and losses, words, seeds."""
 import random
 
 import numpy as np
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NULL, UNK, START, END = 0, 1, 2, 3
+from utils.text import decode
 
 
 class CrossEn(nn.Module):
@@ -22,6 +22,29 @@ class CrossEn(nn.Module):
         return loss
 
 
+class LabelSmoothingLoss(nn.Module):
+    """Label smoothing as the reference defines it (model.speaker.label_smoothing > 0).
+
+    The target word gets probability 1 - eps and every other word eps / (V - 1); the loss is the
+    KL divergence from that distribution to the model's, averaged over all N x V entries of the
+    positions whose target is not ``ignore_index``.
+    """
+
+    def __init__(self, label_smoothing, vocab_size, ignore_index=-1):
+        super().__init__()
+        self.confidence = 1.0 - label_smoothing
+        self.off_target = label_smoothing / (vocab_size - 1)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        """logits: (N, V); target: (N,) word ids or ignore_index."""
+        keep = target != self.ignore_index
+        log_probs = F.log_softmax(logits[keep], dim=-1)  # (n, V)
+        smoothed = torch.full_like(log_probs, self.off_target)
+        smoothed.scatter_(1, target[keep].unsqueeze(1), self.confidence)
+        return F.kl_div(log_probs, smoothed, reduction="sum") / smoothed.numel()
+
+
 def labels_with_ignore(seq, seq_mask):
     """Targets for teacher forcing: position t predicts seq[t+1]; -1 where there is no real next token.
 
@@ -32,78 +55,13 @@ def labels_with_ignore(seq, seq_mask):
     return target
 
 
-def caption_loss(logits, target, label_smoothing=0.0):
-    """Cross-entropy over the positions whose target is not -1. logits: (B, L, V); target: (B, L)."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
-                           ignore_index=-1, label_smoothing=label_smoothing)
-
-
-class _CpuDropout(torch.autograd.Function):
-    """Dropout whose keep mask comes from 16-bit slices of random 64-bit integers.
-
-    nn.Dropout draws one float per element from the CPU generator (about 10 ns each here); four
-    16-bit draws per 64-bit integer cost a quarter of that. The drop probability p is rounded to a
-    multiple of 1/65536 (0.1 -> 0.100006) and the kept values are scaled by 1/(1-p) of the rounded p,
-    so the expectation is kept exactly.
-    The mask comes from the default generator, so seeding and checkpoint replay work as usual.
-    """
-
-    @staticmethod
-    def forward(ctx, x, threshold):
-        count = x.numel()
-        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64)
-        drop = words.view(torch.int16)[:count].view(x.shape) < threshold - 2 ** 15  # P(drop) = threshold / 2^16
-        ctx.scale = 2 ** 16 / (2 ** 16 - threshold)
-        ctx.save_for_backward(drop)
-        return x.masked_fill(drop, 0).mul_(ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        drop, = ctx.saved_tensors
-        return grad.masked_fill(drop, 0).mul_(ctx.scale), None
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (same arguments, no state) with a cheaper mask on the CPU; on a GPU it is nn.Dropout."""
-
-    def forward(self, x):
-        threshold = round(self.p * 2 ** 16)
-        if not self.training or x.device.type != "cpu" or not 0 < threshold < 2 ** 16:
-            return super().forward(x)
-        return _CpuDropout.apply(x, threshold)
-
-
 def decode_sequence(idx_to_word, seq):
-    """Token ids (B, T) -> list of B sentences; stops at <END>, skips <NULL> and <START>."""
-    sentences = []
-    for row in seq.tolist() if torch.is_tensor(seq) else np.asarray(seq).tolist():
-        words = []
-        for token in row:
-            if token == END:
-                break
-            if token in (NULL, START):
-                continue
-            words.append(idx_to_word[token])
-        sentences.append(" ".join(words))
-    return sentences
+    """Token ids (B, T) -> list of B sentences (utils.text.decode: stops at <END>, skips <START>)."""
+    rows = seq.tolist() if torch.is_tensor(seq) else np.asarray(seq).tolist()
+    return [decode(row, idx_to_word) for row in rows]
 
 
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def select_device(gpu_id):
-    """CUDA device ``gpu_id`` when CUDA is present and gpu_id >= 0, else the CPU.
-
-    An id that does not exist is an error naming the devices that do.
-    """
-    if gpu_id is None or gpu_id < 0 or not torch.cuda.is_available():
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if gpu_id >= count:
-        names = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(count))
-        raise ValueError(f"GPU {gpu_id} does not exist; this machine has {count} "
-                         f"({names}). Pass --gpu with one of those ids, or --gpu -1 for the CPU")
-    return torch.device("cuda", gpu_id)

@@ -8,13 +8,10 @@ import torch
 import evaluate
 import test as test_script
 import train
-from tests.conftest import tiny_cfg
-
-pytestmark = pytest.mark.snippets  # trains the model
+from tests.helpers import SMALL_MODEL, tiny_cfg
 from utils.checkpoint import list_snapshots, load_snapshot, snapshot_path
 
-SMALL_MODEL = {"model.change_detector.att_dim": 32, "model.change_detector.emb_dim": 32,
-               "model.speaker.att_dim": 32, "model.speaker.word_dim": 16, "model.cbr.att_dim": 32}
+pytestmark = pytest.mark.snippets  # trains the model
 
 
 def weights(path):

@@ -1,30 +1,70 @@
-"""The pieces train.py and test.py share: building the model, one batch's losses, caption generation."""
-import contextlib
+"""The captioning model as training and testing use it: encoder, decoder and CBR head, their losses,
+caption generation, and rebuilding a trained model from a snapshot."""
 import os
+import types
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from configs.defaults import get_cfg_defaults, merge_dict
+from models import decoding
+from models.baselines import SubtractionEncoder
 from models.CBR import CBR
 from models.SCORER import AddSpatialInfo, ChangeDetector
 from models.transformer_decoder import Speaker
 from utils.checkpoint import SnapshotError, list_snapshots, load_snapshot, load_weights, snapshot_path
+from utils.device import autocast_context, move_batch
 from utils.distributed import global_token_mean
-from utils.utils import CrossEn, caption_loss, decode_sequence, labels_with_ignore
+from utils.utils import CrossEn, LabelSmoothingLoss, decode_sequence, labels_with_ignore
+
+
+def _recomputed_forward(self, *args, **kwargs):
+    forward = type(self).forward
+    if not torch.is_grad_enabled():
+        return forward(self, *args, **kwargs)
+    return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def recompute_in_backward(module):
+    """In training, ``module`` keeps only its inputs; its activations are rebuilt in backward (with the
+    same dropout masks): less memory for one more forward. State-dict keys stay as they are."""
+    module.forward = types.MethodType(_recomputed_forward, module)
 
 
 class CaptionModel(nn.Module):
-    """Encoder, decoder and CBR head under the names the snapshots use."""
+    """Encoder, decoder and CBR head under the names the snapshots use.
 
-    def __init__(self, cfg):
+    recompute: rebuild the attention blocks (encoder blocks, CBR self-attention, decoder
+    cross-attention) in backward instead of storing their activations (train.recompute_attention).
+    similarity_in_every_block: compute the MTM similarity in every encoder block, as the reference
+    does (the straightforward variant of scripts/benchmark.py); the losses are the same.
+    """
+
+    def __init__(self, cfg, recompute=False, similarity_in_every_block=False):
         super().__init__()
         self.spatial_info = AddSpatialInfo()
-        self.change_detector = ChangeDetector(cfg)
+        if cfg.model.change_detector.encoder == "subtraction":
+            self.change_detector = SubtractionEncoder(cfg)
+        else:
+            self.change_detector = ChangeDetector(cfg, similarity_in_every_block)
         self.speaker = Speaker(cfg)
         self.cbr = CBR(cfg)
         self.cross_entropy = CrossEn()
-        self.label_smoothing = cfg.model.speaker.label_smoothing
+        smoothing = cfg.model.speaker.label_smoothing
+        self.label_smoothing = LabelSmoothingLoss(smoothing, cfg.model.speaker.vocab_size) if smoothing > 0 else None
+        if recompute:
+            blocks = [block.attention for block in self.change_detector.scorer]
+            blocks += [self.cbr.mh_att] + [layer.dec_enc_attention for layer in self.speaker.core.layer]
+            for module in blocks:
+                recompute_in_backward(module)
+
+    def caption_loss(self, logits, target):
+        """Cross-entropy (or the reference's label smoothing) over the positions whose target is not -1."""
+        logits, target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)  # (B*L, V), (B*L,)
+        if self.label_smoothing is not None:
+            return self.label_smoothing(logits, target)
+        return nn.functional.cross_entropy(logits, target, ignore_index=-1)
 
     def pair_losses(self, bef, aft, labels, masks):
         """Losses of one kind of pair. bef, aft: (B, C+2, H, W) features with coordinates (spatial_info);
@@ -33,11 +73,15 @@ class CaptionModel(nn.Module):
         B, S, L = labels.shape
         seq = labels.reshape(B * S, L)  # (B*S, L)
         seq_mask = masks.reshape(B * S, L).to(out.dtype)  # (B*S, L)
-        logits, hidden = self.speaker(out if S == 1 else out.repeat_interleave(S, dim=0), seq, seq_mask)  # (B*S, L, V), (B*S, L, d)
+        enc = out if S == 1 else out.repeat_interleave(S, dim=0)  # (B*S, N, emb_dim)
+        logits, hidden = self.speaker(enc, seq, seq_mask)  # (B*S, L, V), (B*S, L, d)
         target = labels_with_ignore(seq, seq_mask)
         # With several processes: the mean over the tokens of the global batch (utils/distributed.py).
-        cap = global_token_mean(caption_loss(logits, target, self.label_smoothing), (target != -1).sum())
-        cross_view = (self.cross_entropy(sim_ba.float()) + self.cross_entropy(sim_ab.float())) / 2
+        cap = global_token_mean(self.caption_loss(logits, target), (target != -1).sum())
+        if sim_ba is None:  # an encoder without matching (models/baselines.py)
+            cross_view = cap.new_zeros(())
+        else:
+            cross_view = (self.cross_entropy(sim_ba.float()) + self.cross_entropy(sim_ab.float())) / 2
         # The CBR head contrasts pairs across the batch, so it takes one caption per pair.
         first = hidden.view(B, S, L, -1)[:, 0]  # (B, L, d)
         cross_modal = self.cbr(bef_tokens, first, aft_tokens, seq_mask.view(B, S, L)[:, 0])
@@ -54,27 +98,17 @@ class CaptionModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, bef_feat, aft_feat, beam_size=1, sample_max=True, temperature=1.0,
-                 return_attention=False):
-        """Captions for pairs (B, C, H, W): tokens (B, L), log-probs; optionally the attention maps."""
+                 return_attention=False, use_cache=True):
+        """Captions for pairs (B, C, H, W): tokens (B, L), log-probs; optionally the attention maps
+        ({"encoder": (A_ba, A_ab), "decoder": (B, L, N)})."""
         encoded = self.change_detector(self.spatial_info(bef_feat), self.spatial_info(aft_feat),
                                        compute_similarity=False, return_attention=return_attention)
-        result = self.speaker.sample(encoded[0], sample_max=sample_max, temperature=temperature,
-                                     beam_size=beam_size, return_attention=return_attention)
+        seq, logprobs, decoder_attention = decoding.generate(
+            self.speaker, encoded[0], sample_max=sample_max, temperature=temperature, beam_size=beam_size,
+            use_cache=use_cache)
         if return_attention:
-            seq, logprobs, decoder_attention = result
             return seq, logprobs, {"encoder": encoded[5], "decoder": decoder_attention}
-        return result
-
-
-def move_batch(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def autocast_context(device, amp):
-    """bf16/fp16 autocast on CUDA when asked; a no-op on the CPU."""
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return seq, logprobs
 
 
 def scene_key(image_id):
