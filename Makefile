@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_SCENES ?= 2000
 
-.PHONY: setup test test-slow demo clean-demo
+.PHONY: setup test test-slow snippets demo clean-demo
 
 # visdom 0.2.4 is a source package whose setup imports pkg_resources: it needs setuptools<81
 # and --no-build-isolation.
@@ -22,6 +22,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# Which of the six assignment snippets match the solution's recorded outputs (a table at the end).
+snippets: setup
+	$(PY) -m pytest -q tests/test_snippets.py
 
 demo: setup
 	$(PY) scripts/demo.py --num_scenes $(DEMO_SCENES)

@@ -11,6 +11,7 @@ figures read off the captions. Then the best value of each metric across folders
 eval_results.txt (tables) and eval_results.json into --results_dir and prints the tables.
 """
 import argparse
+import glob
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ import time
 
 from utils.eval_utils import (CHANGE_TYPES, SCORERS, CaptionScorer, EvalError, change_detection,
                               load_references, load_results, load_type_mapping)
+from utils.cli import command_with
 from utils.fileio import write_json_atomic, write_text_atomic
 
 RESULT_FILES = ("sc_results.json", "nsc_results.json")
@@ -30,10 +32,27 @@ def _natural_key(text):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def find_result_folders(results_dir):
+def _sibling_results(results_dir):
+    """Other experiments' folders of the same kind: <exp_dir>/*/<the same tail> when results_dir is
+    <exp_dir>/<exp_name>/eval_sents or <exp_dir>/<exp_name>/test_output/captions."""
+    parts = os.path.normpath(results_dir).split(os.sep)
+    for depth in (1, 2):  # eval_sents; test_output/captions
+        tail, experiment = parts[-depth:], parts[:-depth]
+        if tail in (["eval_sents"], ["test_output", "captions"]) and experiment:
+            pattern = os.path.join(os.sep.join(experiment[:-1]) or ".", "*", *tail)
+            return sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
+    return []
+
+
+def find_result_folders(results_dir, argv=()):
     """Folders under results_dir (relative paths, "." for itself) holding both result files."""
     if not os.path.isdir(results_dir):
-        raise EvalError(f"results folder {results_dir} does not exist")
+        others = _sibling_results(results_dir)
+        hint = ""
+        if others:
+            hint = ("; these experiments have one: " + "; ".join(
+                command_with("evaluate.py", argv, results_dir=path) for path in others))
+        raise EvalError(f"results folder {results_dir} does not exist{hint}")
     folders = []
     for root, dirs, files in os.walk(results_dir):
         dirs.sort()
@@ -73,11 +92,11 @@ def _load_folder(results_dir, folder, references, image_types):
     return sc, nsc
 
 
-def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS):
+def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS, argv=()):
     """Score every results folder; returns the report (what eval_results.json holds)."""
+    folders = find_result_folders(results_dir, argv)
     references = load_references(anno_json)
     image_types = load_type_mapping(type_file)
-    folders = find_result_folders(results_dir)
     loaded = {f: _load_folder(results_dir, f, references, image_types) for f in folders}
 
     # One scorer for every caption of every folder: tokenized once, then sliced.
@@ -168,10 +187,11 @@ def main(argv=None):
                         help="COCO ground truth, e.g. data/total_change_captions_reformat.json")
     parser.add_argument("--type_file", required=True,
                         help="change type of every image, e.g. data/type_mapping.json")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        report = evaluate_dir(args.results_dir, args.anno, args.type_file)
+        report = evaluate_dir(args.results_dir, args.anno, args.type_file, argv=argv)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

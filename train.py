@@ -1,58 +1,112 @@
-"""Train SCORER + CBR: python train.py --cfg configs/dynamic/transformer_quick.yaml [KEY VALUE ...]"""
+"""Train SCORER + CBR.
+
+    python train.py --cfg configs/dynamic/transformer_quick.yaml [--gpu ID] [--resume | --resume_from ITER]
+                    [--overwrite] [--accept_config_changes] [KEY VALUE ...]
+
+Outputs go to <exp_dir>/<exp_name>/ (utils/experiment.py): snapshots/, eval_sents/ (validation
+captions of every snapshot), metrics.jsonl, train_log.txt, config.yaml, best_snapshot.json.
+SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the run after the current step, with a snapshot of it;
+--resume then goes on exactly as if training had not stopped.
+"""
 import argparse
-import json
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from configs.defaults import ConfigError, load_config
-from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, config_to_dict,
-                              list_snapshots, load_snapshot, load_weights, restore_rng_state,
-                              save_snapshot, snapshot_path)
-from utils import distributed
-from utils.dataset import DataError, RCCDataset
-from utils.distributed import DistributedError
+from configs.defaults import load_config
 from models.captioner import CaptionModel, generate_captions
-from utils.device import autocast_context, move_batch, select_device
+from utils import distributed
+from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, config_differences, config_to_dict,
+                              list_snapshots, load_snapshot, load_weights, restore_rng_state, save_snapshot,
+                              snapshot_path)
+from utils.cli import command_with, parse_with_overrides, report_errors
+from utils.dataset import RCCDataset, batches_per_epoch, eval_loader, train_batches
+from utils.device import DeviceError, autocast_context, describe, move_batch, select_device, working_gpu_id
+from utils.errors import UserError
 from utils.eval_utils import java_executable, load_references, score_captions
-from utils.fileio import write_json_atomic
+from utils.experiment import Experiment, check_free_space, write_best
+from utils.fileio import write_json_atomic, write_text_atomic
 from utils.logger import Dashboard
 from utils.utils import set_seed
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on; the message says why and what to do."""
 
 
-class Stop(Exception):
-    """SIGTERM or Ctrl-C: save a snapshot and leave."""
+class StopRequest:
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP set a flag; the loop ends the current step, saves, and stops.
+
+    Signals that come while the snapshot is written are acknowledged and otherwise ignored.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.name = None
+
+    def _handler(self, signum, frame):
+        if self.name is None:
+            self.name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            tqdm.write(f"{self.name}: stopping after this step (its snapshot is saved first)")
+        else:
+            tqdm.write(f"{signal.Signals(signum).name}: already stopping; the snapshot is being saved")
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self):
+        """True on every rank once any rank got a signal (the ranks stop after the same step)."""
+        return distributed.any_rank(self.name is not None)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="YAML config merged over configs/defaults.py")
     parser.add_argument("--gpu", type=int, default=None, help="CUDA device id (-1: CPU); overrides gpu_id")
     parser.add_argument("--resume", action="store_true", help="continue from the newest snapshot")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. train.max_iter 100")
-    return parser.parse_args(argv)
+    parser.add_argument("--resume_from", type=int, metavar="ITER", help="continue from the snapshot of ITER")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an experiment folder that holds snapshots (removes them and the logs)")
+    parser.add_argument("--accept_config_changes", action="store_true",
+                        help="resume although training keys differ from the snapshot's config")
+    return parse_with_overrides(parser, argv)
 
 
-def prepare_config(cfg, train_set):
-    """Fits the model keys the data decides (vocabulary size) and checks the rest against the features."""
+def training_device(cfg):
+    device = distributed.init_from_env(cfg.gpu_id)  # None unless started by torchrun with several processes
+    device = device if device is not None else select_device(cfg.gpu_id)
+    print(f"device: {describe(device)}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def load_data(cfg, device):
+    """(the training and validation data, cfg with the vocabulary's size), checked against the config."""
+    train_set = RCCDataset(cfg, "train")
+    val_set = RCCDataset(cfg, "val")
     cfg = cfg.clone()
     cfg.defrost()
-    vocab_size = len(train_set.vocab)
-    if vocab_size != cfg.model.speaker.vocab_size:
+    if len(train_set.vocab) != cfg.model.speaker.vocab_size:
         print(f"model.speaker.vocab_size is {cfg.model.speaker.vocab_size} in the config but "
-              f"{cfg.data.vocab_json} has {vocab_size} entries: using {vocab_size}")
-        cfg.model.speaker.vocab_size = vocab_size
+              f"{cfg.data.vocab_json} has {len(train_set.vocab)} entries: using {len(train_set.vocab)}")
+        cfg.model.speaker.vocab_size = len(train_set.vocab)
+    cfg.freeze()
     channels, height, width = train_set.feature_shape
     if channels + 2 != cfg.model.change_detector.feat_dim:
         raise TrainingError(f"features in {cfg.data.default_feature_dir} have {channels} channels, so "
@@ -61,279 +115,289 @@ def prepare_config(cfg, train_set):
     if max(height, width) > cfg.model.change_detector.grid:
         raise TrainingError(f"features in {cfg.data.default_feature_dir} have a {height}x{width} grid; "
                             f"set model.change_detector.grid to at least {max(height, width)}")
-    cfg.freeze()
-    return cfg
+    if cfg.data.train.batch_size > len(train_set):
+        raise TrainingError(f"data.train.batch_size ({cfg.data.train.batch_size}) is larger than the "
+                            f"{len(train_set)} ids of the train split; set it to at most {len(train_set)}")
+    references = load_references(cfg.data.anno_json)
+    java_executable()  # validation tokenizes with Java: fail now, not at the first snapshot
+    return SimpleNamespace(train_set=train_set, val_set=val_set, val_loader=eval_loader(val_set, cfg, device),
+                           references=references, per_epoch=batches_per_epoch(train_set, cfg)), cfg
 
 
-def make_loader(dataset, cfg, device, batch_sampler=None, batch_size=1):
-    """batch_sampler for training, or batch_size for the ordered val/test loaders."""
-    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
-    # A private generator keeps the loader from drawing on the global RNG (exact resume).
-    return DataLoader(dataset, **batching, num_workers=cfg.data.num_workers,
-                      pin_memory=device.type == "cuda", generator=torch.Generator())
+def build(cfg, device):
+    """The model, its optimiser and schedule, at iteration 0."""
+    model = CaptionModel(cfg, recompute=cfg.train.recompute_attention).to(device)
+    optim = cfg.train.optim
+    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                 eps=optim.eps, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
+    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler,
+                           iteration=0, position=0, skipped_in_a_row=0)
 
 
-def epoch_batches(num_items, batch_size, seed, epoch):
-    """The shuffled batches of one epoch, a function of (seed, epoch) alone; the last partial batch is dropped."""
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(num_items, generator=generator).tolist()
-    batch_size = min(batch_size, num_items)
-    return [order[i:i + batch_size] for i in range(0, num_items - batch_size + 1, batch_size)]
-
-
-def train_batches(dataset, cfg, device, start_iteration):
-    """Endless stream of training batches that resumes mid-epoch exactly where an earlier run stopped."""
-    per_epoch = len(epoch_batches(len(dataset), cfg.data.train.batch_size, cfg.seed, 0))
-    epoch, offset = divmod(start_iteration, per_epoch)
-    while True:
-        dataset.set_epoch(epoch)
-        # With several processes each rank loads its slice of the same global batches.
-        batches = [distributed.local_slice(batch) for batch in
-                   epoch_batches(len(dataset), cfg.data.train.batch_size, cfg.seed, epoch)[offset:]]
-        yield from make_loader(dataset, cfg, device, batch_sampler=batches)
-        epoch, offset = epoch + 1, 0
-
-
-def logit_scales(model):
-    return {"encoder": model.change_detector.scorer[-1].attention.logit_scale.item(),
-            "cbr": model.cbr.contra.logit_scale.item()}
-
-
-def clamp_logit_scales(model, maximum):
-    with torch.no_grad():
-        model.change_detector.scorer[-1].attention.logit_scale.clamp_(max=maximum)
-        model.cbr.contra.logit_scale.clamp_(max=maximum)
-
-
-def make_snapshot(model, optimizer, scheduler, iteration, cfg, vocab):
+def make_snapshot(state, cfg, vocab):
     return {
-        "change_detector_state": model.change_detector.state_dict(),
-        "speaker_state": model.speaker.state_dict(),
-        "cbr_state": model.cbr.state_dict(),
-        "optimizer_state": optimizer.state_dict(),
-        "scheduler_state": scheduler.state_dict(),
-        "iteration": iteration,
+        "change_detector_state": state.model.change_detector.state_dict(),
+        "speaker_state": state.model.speaker.state_dict(),
+        "cbr_state": state.model.cbr.state_dict(),
+        "optimizer_state": state.optimizer.state_dict(),
+        "scheduler_state": state.scheduler.state_dict(),
+        "iteration": state.iteration,
+        "data_position": state.position,  # batches drawn so far (a skipped batch draws one too)
         "rng_state": capture_rng_state(),
         "config": config_to_dict(cfg),
         "vocab": dict(vocab),
     }
 
 
-def validate(model, val_loader, val_set, references, cfg, device, iteration, exp_root):
-    """Greedy captions for the validation split, written as COCO results, and their BLEU-4 and CIDEr."""
-    sc_results, nsc_results = generate_captions(model, val_loader, val_set.idx_to_word, device,
-                                                beam_size=cfg.train.beam_size, amp=cfg.train.amp)
-    out_dir = os.path.join(exp_root, "eval_sents", f"{cfg.exp_name}_sents_{iteration}")
-    os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic(os.path.join(out_dir, "sc_results.json"), sc_results)
-    write_json_atomic(os.path.join(out_dir, "nsc_results.json"), nsc_results)
-    scores = score_captions(sc_results + nsc_results, references, metrics=("Bleu", "CIDEr"))
-    return {"BLEU-4": scores["Bleu_4"], "CIDEr": scores["CIDEr"]}, sc_results, nsc_results
-
-
-def check_writable(folder):
+def restore(state, cfg, resume_from, accept_changes):
+    """Loads the newest snapshot (or that of resume_from) into state, after checking it and the config."""
+    iterations = list_snapshots(cfg)
+    iteration = iterations[-1] if resume_from is None else resume_from
+    if iteration not in iterations:
+        raise TrainingError(f"--resume_from {iteration}: no such snapshot; the experiment has "
+                            f"{', '.join(map(str, iterations))}")
+    path = snapshot_path(cfg, iteration)
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        raise TrainingError(f"cannot write to the experiment folder {folder} ({err.strerror}); "
-                            f"set exp_dir to a writable folder") from None
-
-
-def do_train(cfg, resume=False):
-    """The training loop. Returns the path of the last snapshot (None on ranks other than 0)."""
-    device = distributed.init_from_env(cfg.gpu_id)  # None unless started by torchrun with several processes
-    device = device if device is not None else select_device(cfg.gpu_id)
-    main = distributed.is_main()
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(cfg.seed)
-    exp_root = os.path.join(cfg.exp_dir, cfg.exp_name)
-    check_writable(exp_root)
-
-    train_set = RCCDataset(cfg, "train")
-    val_set = RCCDataset(cfg, "val")
-    cfg = prepare_config(cfg, train_set)
-    references = load_references(cfg.data.anno_json)
-    java_executable()  # validation tokenizes with Java: fail now, not at the first snapshot
-    if main:
-        with open(os.path.join(exp_root, "config.yaml"), "w") as handle:
-            handle.write(cfg.dump())
-
-    model = CaptionModel(cfg, recompute=cfg.train.recompute_attention).to(device)
-    optim = cfg.train.optim
-    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                 eps=optim.eps, weight_decay=optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
-
-    start_iteration = 0
-    if resume:
-        done = list_snapshots(cfg)
-        if not done:
-            raise TrainingError(f"--resume: no snapshot in {os.path.join(exp_root, 'snapshots')}; "
-                                f"start without --resume")
-        path = snapshot_path(cfg, done[-1])
         snapshot = load_snapshot(path, required=SNAPSHOT_KEYS)
-        load_weights(model.change_detector, snapshot["change_detector_state"], "change_detector_state", path)
-        load_weights(model.speaker, snapshot["speaker_state"], "speaker_state", path)
-        load_weights(model.cbr, snapshot["cbr_state"], "cbr_state", path)
-        optimizer.load_state_dict(snapshot["optimizer_state"])
-        scheduler.load_state_dict(snapshot["scheduler_state"])
-        restore_rng_state(snapshot["rng_state"])
-        start_iteration = snapshot["iteration"]
-        print(f"resuming from {path} (iteration {start_iteration})")
-    train_model = model  # what the loop calls; snapshots, logit scales and validation use model
+    except SnapshotError as err:
+        if resume_from is not None:
+            raise
+        good = next((i for i in reversed(iterations[:-1]) if _loads(snapshot_path(cfg, i))), None)
+        fix = (f"resume from the newest good one with --resume_from {good}, or delete {path}" if good is not None
+               else "no earlier snapshot loads either: start over with --overwrite")
+        raise SnapshotError(f"{err}; {fix}") from None
+    differences = config_differences(snapshot["config"], cfg)
+    if differences and not accept_changes:
+        raise TrainingError(f"--resume: the config differs from the one {path} was trained with ("
+                            + "; ".join(differences) + "); to continue with the new values add "
+                            "--accept_config_changes, else resume with the config of the first run")
+    load_weights(state.model.change_detector, snapshot["change_detector_state"], "change_detector_state", path)
+    load_weights(state.model.speaker, snapshot["speaker_state"], "speaker_state", path)
+    load_weights(state.model.cbr, snapshot["cbr_state"], "cbr_state", path)
+    state.optimizer.load_state_dict(snapshot["optimizer_state"])
+    state.scheduler.load_state_dict(snapshot["scheduler_state"])
+    restore_rng_state(snapshot["rng_state"])
+    state.iteration = snapshot["iteration"]
+    state.position = snapshot.get("data_position", state.iteration)  # snapshots older than the field
+    print(f"resuming from {path} (iteration {state.iteration})")
+
+
+def _loads(path):
+    try:
+        load_snapshot(path, required=SNAPSHOT_KEYS)
+        return True
+    except SnapshotError:
+        return False
+
+
+def for_training(model, cfg, device):
+    """The module the loop calls: the model, wrapped for several processes or compiled as configured."""
     if distributed.world_size() > 1:
         distributed.check_batch_size(cfg.data.train.batch_size)
         # find_unused_parameters: only the last encoder block's logit scale enters the loss.
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=True)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True)
+    return torch.compile(model) if cfg.train.compile else model
 
-    per_epoch = len(epoch_batches(len(train_set), cfg.data.train.batch_size, cfg.seed, 0))
-    val_loader = make_loader(val_set, cfg, device, batch_size=cfg.data.val.batch_size)
-    dashboard = Dashboard(cfg.logger.visdom and main, cfg.logger.server, cfg.logger.port, env=cfg.exp_name)
-    if dashboard.enabled:
-        print(f"dashboard: {dashboard.url}")
-    log_file = open(os.path.join(exp_root, "train_log.txt") if main else os.devnull, "a")
-    metrics_file = open(os.path.join(exp_root, "metrics.jsonl") if main else os.devnull, "a")
-    best_path = os.path.join(exp_root, "best_snapshot.json")
-    best = json.load(open(best_path)) if os.path.exists(best_path) else None
 
-    def log(record, line):
-        if not main:
-            return
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        log_file.write(line + "\n")
-        log_file.flush()
+def train_step(state, train_model, batch, cfg, device, per_epoch):
+    """One optimiser step on batch; returns the losses, or None when a non-finite loss was skipped."""
+    if distributed.world_size() > 1:
+        # Dropout masks depend on (seed, iteration, rank) alone: ranks differ, a resumed run repeats.
+        torch.manual_seed((cfg.seed * 1_000_003 + state.iteration) * 1009 + distributed.rank())
+    with autocast_context(device, cfg.train.amp):
+        losses = train_model(batch, cfg.train.lambda_v, cfg.train.lambda_m)
+    values = distributed.average_over_ranks(losses)  # the global batch's losses, on every rank
+    state.position += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(values["total"]):
+        message = (f"non-finite loss at iteration {state.iteration + 1} ("
+                   + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + ")")
+        if cfg.train.on_nonfinite_loss == "stop":
+            raise TrainingError(message + "; the last good snapshot is kept. Lower train.optim.lr, set "
+                                "train.grad_clip, or set train.on_nonfinite_loss skip (the loader checks "
+                                "every feature file it reads for NaN/Inf, so the data are finite)")
+        state.skipped_in_a_row += 1
+        if state.skipped_in_a_row >= per_epoch:  # every batch fails: skipping would never end
+            raise TrainingError(f"{message}: {state.skipped_in_a_row} batches in a row (an epoch) had a "
+                                f"non-finite loss; the weights are broken: lower train.optim.lr and resume "
+                                f"from an earlier snapshot")
+        tqdm.write(message + "; batch skipped")
+        return None
+    state.skipped_in_a_row = 0
+    losses["total"].backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.grad_clip)
+    state.optimizer.step()
+    with torch.no_grad():  # the logit scales of the losses' temperatures: 1/tau at most exp(max_logit_scale)
+        for scale in state.model.logit_scales().values():
+            scale.clamp_(max=cfg.train.max_logit_scale)
+    state.iteration += 1
+    if state.iteration % per_epoch == 0:
+        state.scheduler.step()
+    return values
+
+
+class Recorder:
+    """What rank 0 writes: the logs, the dashboard, snapshots with their validation, best_snapshot.json."""
+
+    def __init__(self, cfg, experiment, data, state, device):
+        self.cfg, self.data, self.state, self.device = cfg, data, state, device
+        self.root = experiment.root
+        write_text_atomic(os.path.join(self.root, "config.yaml"), cfg.dump())
+        self.log = experiment.open_logs(state.iteration)
+        validated = self.log.validated()
+        self.best = max(validated.values(), key=lambda r: r["CIDEr"], default=None)
+        write_best(self.root, self.best and {**self.best, "snapshot": snapshot_path(cfg, self.best["iteration"])})
+        self.dashboard = Dashboard(cfg.logger.visdom, cfg.logger.server, cfg.logger.port, env=cfg.exp_name)
+        if self.dashboard.enabled:
+            print(f"dashboard: {self.dashboard.url}")
+        self.window = (time.time(), state.iteration)
+
+    def progress(self, values):
+        iteration = self.state.iteration
+        speed = (iteration - self.window[1]) / max(time.time() - self.window[0], 1e-9)
+        self.window = (time.time(), iteration)
+        lr = self.state.optimizer.param_groups[0]["lr"]
+        scales = {name: scale.item() for name, scale in self.state.model.logit_scales().items()}
+        line = (f"iter {iteration}: total {values['total']:.4f} caption {values['caption']:.4f} "
+                f"cross_view {values['cross_view']:.4f} cross_modal {values['cross_modal']:.4f} "
+                f"lr {lr:.2e} {speed:.2f} it/s")
+        self.log.write({"iteration": iteration, "split": "train", **values, "lr": lr,
+                        **{f"logit_scale_{name}": value for name, value in scales.items()}, "it_per_s": speed}, line)
         tqdm.write(line)
+        self.dashboard.scalars(iteration, values, window="loss", title="losses")
+        self.dashboard.scalars(iteration, scales, window="logit_scale", title="logit scales (log 1/tau)")
+        self.dashboard.scalars(iteration, {"lr": lr}, window="lr", title="learning rate", log_y=True)
+        self.dashboard.scalars(iteration, {"it/s": speed}, window="speed", title="iterations per second")
 
-    def on_signal(signum, frame):
-        raise Stop(signal.Signals(signum).name)
+    def save(self):
+        path = snapshot_path(self.cfg, self.state.iteration)
+        save_snapshot(path, make_snapshot(self.state, self.cfg, self.data.train_set.vocab))
+        return path
 
-    previous_handler = signal.signal(signal.SIGTERM, on_signal)
-    iteration = start_iteration
-    skipped_in_a_row = 0  # consecutive batches dropped by train.on_nonfinite_loss skip
-    last_snapshot = None
-    model.train()
-    progress = tqdm(total=cfg.train.max_iter, initial=start_iteration, desc="train", dynamic_ncols=True,
-                    disable=not main)
-    window_start, window_iterations = time.time(), 0
-    try:
-        batches = train_batches(train_set, cfg, device, start_iteration)
-        while iteration < cfg.train.max_iter:
-            batch = move_batch(next(batches), device)
-            if distributed.world_size() > 1:
-                # Dropout masks depend on (seed, iteration, rank) alone: ranks differ, a resumed run repeats.
-                torch.manual_seed((cfg.seed * 1_000_003 + iteration) * 1009 + distributed.rank())
-            with autocast_context(device, cfg.train.amp):
-                losses = train_model(batch, cfg.train.lambda_v, cfg.train.lambda_m)
-            values = distributed.average_over_ranks(losses)  # the global batch's losses, on every rank
-            if not math.isfinite(values["total"]):
-                parts = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-                message = (f"non-finite loss at iteration {iteration + 1} ({parts})")
-                if cfg.train.on_nonfinite_loss == "skip":
-                    skipped_in_a_row += 1
-                    if skipped_in_a_row >= per_epoch:  # every batch fails: skipping would never end
-                        raise TrainingError(f"{message}: {skipped_in_a_row} batches in a row (an epoch) "
-                                            f"had a non-finite loss; check the features for NaN/Inf "
-                                            f"and lower train.optim.lr")
-                    tqdm.write(message + "; batch skipped")
-                    optimizer.zero_grad(set_to_none=True)
+    def validate(self, iteration, stop):
+        """Greedy validation captions of the model as it is (that of snapshot ``iteration``), scored and
+        recorded; False when a stop request cut it short (the run validates it when it resumes)."""
+        sc, nsc = generate_captions(self.state.model, self.data.val_loader, self.data.val_set.idx_to_word, self.device,
+                                    beam_size=self.cfg.train.beam_size, amp=self.cfg.train.amp, should_stop=stop)
+        if sc is None:
+            return False
+        out_dir = os.path.join(self.root, "eval_sents", f"{self.cfg.exp_name}_sents_{iteration}")
+        os.makedirs(out_dir, exist_ok=True)
+        write_json_atomic(os.path.join(out_dir, "sc_results.json"), sc)
+        write_json_atomic(os.path.join(out_dir, "nsc_results.json"), nsc)
+        found = score_captions(sc + nsc, self.data.references, metrics=("Bleu", "CIDEr"))
+        scores = {"BLEU-4": found["Bleu_4"], "CIDEr": found["CIDEr"]}
+        if self.best is None or scores["CIDEr"] > self.best["CIDEr"]:
+            self.best = {"iteration": iteration, **scores}
+            write_best(self.root, {**self.best, "snapshot": snapshot_path(self.cfg, iteration)})
+        line = (f"iter {iteration}: val BLEU-4 {scores['BLEU-4']:.4f} CIDEr {scores['CIDEr']:.4f} "
+                f"(best CIDEr {self.best['CIDEr']:.4f} at {self.best['iteration']})")
+        self.log.write({"iteration": iteration, "split": "val", **scores}, line)
+        tqdm.write(line)
+        self.dashboard.scalars(iteration, scores, window="val", title="validation")
+        refs = self.data.references
+        self.dashboard.captions(iteration, [(r["image_id"], r["caption"], refs.get(r["image_id"], []))
+                                            for r in sc[:self.cfg.logger.num_val_captions]])
+        return True
+
+    def catch_up(self, stop):
+        """After a resume: validates the resumed snapshot when its validation never finished."""
+        iteration = self.state.iteration
+        scheduled = iteration % self.cfg.train.snapshot_interval == 0 or iteration == self.cfg.train.max_iter
+        if iteration > 0 and scheduled and iteration not in self.log.validated():
+            tqdm.write(f"validating snapshot {iteration}, whose validation did not finish before the stop")
+            self.validate(iteration, stop)
+
+    def close(self):
+        self.log.close()
+        self.dashboard.close()
+
+
+def due(iteration, interval, max_iter):
+    return iteration % interval == 0 or iteration == max_iter
+
+
+def do_train(cfg, resume=False, resume_from=None, overwrite=False, accept_changes=False):
+    """The training loop. Returns the path of the last snapshot (None on ranks other than 0)."""
+    device = training_device(cfg)
+    set_seed(cfg.seed)
+    main = distributed.is_main()
+    resuming = resume or resume_from is not None
+    data, cfg = load_data(cfg, device)
+    with Experiment(cfg, resuming, overwrite) if main else contextlib.nullcontext() as experiment:
+        state = build(cfg, device)
+        if resuming:
+            restore(state, cfg, resume_from, accept_changes)
+        train_model = for_training(state.model, cfg, device)
+        recorder = Recorder(cfg, experiment, data, state, device) if main else None
+        if main:  # weights and two Adam moments: see the space before the hours of work
+            check_free_space(experiment.root, 3 * sum(p.numel() * p.element_size() for p in state.model.parameters()))
+        batches = train_batches(data.train_set, cfg, device, state.position)
+        last = None
+        with StopRequest() as stop, tqdm(total=cfg.train.max_iter, initial=state.iteration, desc="train",
+                                          dynamic_ncols=True, disable=not main) as progress:
+            stopping = lambda: stop.name is not None  # noqa: E731
+            if main:
+                recorder.catch_up(stopping)
+            state.model.train()
+            while state.iteration < cfg.train.max_iter and not stop.requested():
+                values = train_step(state, train_model, move_batch(next(batches), device), cfg, device, data.per_epoch)
+                if values is None:
                     continue
-                raise TrainingError(message + "; the last good snapshot is kept. Lower train.optim.lr, "
-                                    "set train.grad_clip, or set train.on_nonfinite_loss skip")
-            skipped_in_a_row = 0
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            clamp_logit_scales(model, cfg.train.max_logit_scale)
-            iteration += 1
-            if iteration % per_epoch == 0:
-                scheduler.step()
-            window_iterations += 1
-            progress.update(1)
-            progress.set_postfix(cap=f"{values['caption']:.3f}", cv=f"{values['cross_view']:.3f}",
-                                 cm=f"{values['cross_modal']:.3f}")
+                progress.update(1)
+                progress.set_postfix(cap=f"{values['caption']:.3f}", cv=f"{values['cross_view']:.3f}",
+                                     cm=f"{values['cross_modal']:.3f}")
+                if main and due(state.iteration, cfg.train.log_interval, cfg.train.max_iter):
+                    recorder.progress(values)
+                if due(state.iteration, cfg.train.snapshot_interval, cfg.train.max_iter):
+                    if main:
+                        last = recorder.save()
+                        recorder.validate(state.iteration, stopping)
+                        state.model.train()
+                    distributed.barrier()  # the other ranks wait for rank 0's snapshot and validation
+            if stop.name is not None:
+                stop_with_snapshot(stop.name, state, recorder, cfg)
+        if main:
+            recorder.close()
+            if recorder.best is not None:
+                print(f"best validation CIDEr {recorder.best['CIDEr']:.4f} at iteration {recorder.best['iteration']}")
+    return last
 
-            if iteration % cfg.train.log_interval == 0 or iteration == cfg.train.max_iter:
-                speed = window_iterations / max(time.time() - window_start, 1e-9)
-                window_start, window_iterations = time.time(), 0
-                lr = optimizer.param_groups[0]["lr"]
-                scales = logit_scales(model)
-                log({"iteration": iteration, "split": "train", **values, "lr": lr,
-                     "logit_scale_encoder": scales["encoder"], "logit_scale_cbr": scales["cbr"],
-                     "it_per_s": speed},
-                    f"iter {iteration}: total {values['total']:.4f} caption {values['caption']:.4f} "
-                    f"cross_view {values['cross_view']:.4f} cross_modal {values['cross_modal']:.4f} "
-                    f"lr {lr:.2e} {speed:.2f} it/s")
-                dashboard.scalars(iteration, values, window="loss", title="losses")
-                dashboard.scalars(iteration, scales, window="logit_scale", title="logit scales (log 1/tau)")
-                dashboard.scalars(iteration, {"lr": lr}, window="lr", title="learning rate", log_y=True)
-                dashboard.scalars(iteration, {"it/s": speed}, window="speed", title="iterations per second")
 
-            snapshot_due = iteration % cfg.train.snapshot_interval == 0 or iteration == cfg.train.max_iter
-            if snapshot_due and not main:
-                distributed.barrier()  # rank 0 saves and validates meanwhile
-            if snapshot_due and main:
-                last_snapshot = snapshot_path(cfg, iteration)
-                save_snapshot(last_snapshot, make_snapshot(model, optimizer, scheduler, iteration, cfg,
-                                                           train_set.vocab))
-                scores, sc_results, _ = validate(model, val_loader, val_set, references, cfg, device,
-                                                 iteration, exp_root)
-                if best is None or scores["CIDEr"] > best["CIDEr"]:
-                    best = {"iteration": iteration, **scores, "snapshot": last_snapshot}
-                    write_json_atomic(best_path, best)
-                log({"iteration": iteration, "split": "val", **scores},
-                    f"iter {iteration}: val BLEU-4 {scores['BLEU-4']:.4f} CIDEr {scores['CIDEr']:.4f} "
-                    f"(best CIDEr {best['CIDEr']:.4f} at {best['iteration']}); snapshot {last_snapshot}")
-                dashboard.scalars(iteration, scores, window="val", title="validation")
-                shown = sc_results[:cfg.logger.num_val_captions]
-                dashboard.captions(iteration, [(r["image_id"], r["caption"], references.get(r["image_id"], []))
-                                               for r in shown])
-                distributed.barrier()
-                window_start, window_iterations = time.time(), 0
-    except (Stop, KeyboardInterrupt) as reason:
-        progress.close()
-        name = reason.args[0] if isinstance(reason, Stop) else "Ctrl-C"
-        if iteration > start_iteration and main:
-            last_snapshot = snapshot_path(cfg, iteration)
-            save_snapshot(last_snapshot, make_snapshot(model, optimizer, scheduler, iteration, cfg,
-                                                       train_set.vocab))
-            print(f"{name}: saved {last_snapshot}")
-        print(f"{name}: stopped at iteration {iteration}; continue with "
+def stop_with_snapshot(name, state, recorder, cfg):
+    """After a stop request: the state of the last completed step is in a snapshot; exit status 130."""
+    path = snapshot_path(cfg, state.iteration)
+    if recorder is not None and state.iteration > 0 and not os.path.exists(path):
+        recorder.save()
+    if recorder is not None:
+        recorder.close()
+        print(f"{name}: the state of iteration {state.iteration} is in {path}")
+        print(f"{name}: stopped at iteration {state.iteration}; continue with "
               f"`python train.py --cfg <same config> --resume`")
-        sys.exit(130)
-    finally:
-        progress.close()
-        signal.signal(signal.SIGTERM, previous_handler)
-        log_file.close()
-        metrics_file.close()
-        dashboard.close()
-    if best is not None:
-        print(f"best validation CIDEr {best['CIDEr']:.4f} at iteration {best['iteration']} ({best['snapshot']})")
-    return last_snapshot
+    distributed.shutdown()
+    sys.exit(130)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        do_train(cfg, resume=args.resume)
-    except (ConfigError, DataError, SnapshotError, TrainingError, DistributedError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        distributed.shutdown()
+
+    def run():
+        try:
+            cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
+            do_train(cfg, args.resume, args.resume_from, args.overwrite, args.accept_config_changes)
+        except DeviceError as err:
+            raise DeviceError(f"{err}. This works here: {command_with('train.py', argv, gpu=working_gpu_id())}") from None
+        except NotImplementedError as err:
+            raise TrainingError(f"the snippet {err} is not implemented yet (the `== To Implement ==` blocks of "
+                                f"models/ and utils/utils.py); `make snippets` shows which pass") from None
+        finally:
+            distributed.shutdown()
+
+    report_errors(run)
 
 
 if __name__ == "__main__":

@@ -1,51 +1,56 @@
 """The one tree of configuration defaults.
 
-Every key the project reads is declared here with a comment. A YAML file is merged on top,
-then command-line ``KEY VALUE`` pairs, then the tree is frozen. Unknown keys and values of the
-wrong type are rejected with a message naming the key (see ``load_config``).
+Every key the project reads is declared here with a comment; every numeric key's comment ends
+with its allowed range, e.g. ``[1, inf)``, which load_config enforces (the ranges are read from
+these comments, so the documentation is the rule). A YAML file is merged on top, then
+command-line ``KEY VALUE`` pairs, then the tree is checked and frozen. Unknown keys, values of the
+wrong type or outside their range, and keys that contradict each other are rejected with a
+ConfigError naming the key (see ``load_config``).
 """
 import ast
+import math
 import os
+import re
 
 import yaml
 from yacs.config import CfgNode as CN
 
 _C = CN()
 
-_C.exp_name = "SCORER+CBR"  # outputs go to <exp_dir>/<exp_name>/
+_C.exp_name = "SCORER+CBR"  # outputs go to <exp_dir>/<exp_name>/: one folder name (letters, digits, + - _ .)
 _C.exp_dir = "experiments"  # root folder of all experiments (a directory or a symlink)
-_C.gpu_id = 0  # CUDA device index; -1 forces the CPU; ignored when no GPU is present
-_C.seed = 1111  # seeds python, numpy and torch
+_C.gpu_id = 0  # CUDA device index; -1 runs on the CPU (a GPU that torch cannot use is an error) [-1, inf)
+_C.seed = 1111  # seeds python, numpy and torch [0, inf)
 
 # ---------------------------------------------------------------------------------------
 _C.model = CN()
 _C.model.change_detector = CN()  # the SCORER encoder (models/SCORER.py: ChangeDetector)
-_C.model.change_detector.feat_dim = 1026  # input channels: 1024 ResNet-101 layer3 + 2 coordinates
-_C.model.change_detector.att_dim = 512  # d: token width inside the encoder
-_C.model.change_detector.att_head = 8  # h: attention heads
-_C.model.change_detector.att_layer = 2  # number of SCORER blocks (weights shared by both views)
-_C.model.change_detector.emb_dim = 512  # width of the difference representation fed to the decoder
-_C.model.change_detector.grid = 14  # largest H and W the learned position embeddings cover
-_C.model.change_detector.dropout = 0.1  # dropout on attention maps and after embed_fc
+_C.model.change_detector.feat_dim = 1026  # input channels: 1024 ResNet-101 layer3 + 2 coordinates [3, inf)
+_C.model.change_detector.att_dim = 512  # d: token width inside the encoder, even, a multiple of att_head [2, inf)
+_C.model.change_detector.att_head = 8  # h: attention heads [1, inf)
+_C.model.change_detector.att_layer = 2  # number of SCORER blocks (weights shared by both views) [1, inf)
+_C.model.change_detector.emb_dim = 512  # width of the difference representation fed to the decoder [1, inf)
+_C.model.change_detector.grid = 14  # largest H and W the learned position embeddings cover [1, inf)
+_C.model.change_detector.dropout = 0.1  # dropout on attention maps and after embed_fc [0, 1)
 _C.model.change_detector.mtm = "sum"  # "sum": dot product over all heads (reference); "per_head": mean of per-head TMs
-_C.model.change_detector.mtm_chunk = 4  # batch rows per MTM chunk: bounds the B x B x N x N memory
+_C.model.change_detector.mtm_chunk = 4  # batch rows per MTM chunk: bounds the B x B x N x N memory [1, inf)
 _C.model.change_detector.mtm_sparse_backward = True  # MTM backward from the argmax indices (same result, faster)
 _C.model.change_detector.encoder = "scorer"  # "scorer" (the paper); "subtraction": no SCORER blocks, no L_cv (ablation, models/baselines.py)
 
 _C.model.speaker = CN()  # the transformer decoder (models/transformer_decoder.py: Speaker)
-_C.model.speaker.word_dim = 300  # word embedding width
-_C.model.speaker.att_dim = 512  # hidden width of the decoder layers
-_C.model.speaker.att_head = 8  # attention heads
-_C.model.speaker.layer = 2  # decoder layers
-_C.model.speaker.vocab_size = 76  # V, including <NULL> <UNK> <START> <END>; must match the vocab json
-_C.model.speaker.seq_length = 24  # L: longest caption in tokens, <START> and <END> counted
-_C.model.speaker.dropout = 0.1  # dropout in the decoder
+_C.model.speaker.word_dim = 300  # word embedding width [1, inf)
+_C.model.speaker.att_dim = 512  # hidden width of the decoder layers, a multiple of att_head [1, inf)
+_C.model.speaker.att_head = 8  # attention heads [1, inf)
+_C.model.speaker.layer = 2  # decoder layers [1, inf)
+_C.model.speaker.vocab_size = 76  # V, including <NULL> <UNK> <START> <END>; the vocab json decides [5, inf)
+_C.model.speaker.seq_length = 24  # L: longest caption in tokens, <START> and <END> counted [3, inf)
+_C.model.speaker.dropout = 0.1  # dropout in the decoder [0, 1)
 _C.model.speaker.share_wd_cls_weight = False  # tie the output layer to the word embedding (needs word_dim == att_dim)
-_C.model.speaker.label_smoothing = 0.0  # 0 gives plain cross-entropy (the paper)
+_C.model.speaker.label_smoothing = 0.0  # 0 gives plain cross-entropy (the paper); else the reference's smoothing [0, 1)
 
 _C.model.cbr = CN()  # cross-modal backward reasoning head (models/CBR.py: CBR)
-_C.model.cbr.att_dim = 512  # d: must equal the encoder's att_dim
-_C.model.cbr.att_head = 8  # heads of the hallucination self-attention
+_C.model.cbr.att_dim = 512  # d: must equal the encoder's att_dim [1, inf)
+_C.model.cbr.att_head = 8  # heads of the hallucination self-attention [1, inf)
 
 # ---------------------------------------------------------------------------------------
 _C.data = CN()
@@ -61,51 +66,52 @@ _C.data.vocab_json = "data/transformer_vocab.json"  # word -> index
 _C.data.h5_label_file = "data/transformer_labels.h5"  # encoded captions
 _C.data.type_mapping_json = "data/type_mapping.json"  # change type -> ["000123.png", ...]
 _C.data.anno_json = "data/total_change_captions_reformat.json"  # COCO ground truth for scoring
-_C.data.swap_prob = 0.5  # train only: chance to swap the default and distractor features
+_C.data.swap_prob = 0.5  # train only: chance to swap the default and distractor features [0, 1]
 _C.data.in_memory = False  # load every feature file once and keep it in RAM (small data sets)
-_C.data.num_workers = 4  # DataLoader worker processes (0 loads in the main process)
+_C.data.num_workers = -1  # DataLoader worker processes; 0 loads in the main process, -1: min(4, CPU cores) [-1, inf)
+_C.data.subset_seed = 0  # seed of the max_samples subsets (the same ids for every run and seed) [0, inf)
 
 _C.data.train = CN()
-_C.data.train.batch_size = 128  # scene ids per batch; each gives a changed and a distractor pair
-_C.data.train.seq_per_img = 1  # captions drawn per pair and iteration
-_C.data.train.max_samples = -1  # use only the first N ids of the split; -1 uses all
+_C.data.train.batch_size = 128  # scene ids per batch; each gives a changed and a distractor pair [1, inf)
+_C.data.train.seq_per_img = 1  # captions drawn per pair and iteration [1, inf)
+_C.data.train.max_samples = -1  # use N ids of the split, in the split's shares of change types; -1 uses all [-1, inf)
 _C.data.val = CN()
-_C.data.val.batch_size = 128  # scene ids per validation batch
-_C.data.val.max_samples = -1  # first N validation ids; -1 uses all
+_C.data.val.batch_size = 128  # scene ids per validation batch [1, inf)
+_C.data.val.max_samples = -1  # N validation ids, in the split's shares of change types; -1 uses all [-1, inf)
 _C.data.test = CN()
-_C.data.test.batch_size = 128  # scene ids per test batch
-_C.data.test.max_samples = -1  # first N test ids; -1 uses all
+_C.data.test.batch_size = 128  # scene ids per test batch [1, inf)
+_C.data.test.max_samples = -1  # N test ids, in the split's shares of change types; -1 uses all [-1, inf)
 
 # ---------------------------------------------------------------------------------------
 _C.train = CN()
-_C.train.max_iter = 10000  # optimiser steps
-_C.train.snapshot_interval = 1000  # save a snapshot and score the validation split every N steps
-_C.train.log_interval = 20  # a log line (file, console, dashboard) every N steps
-_C.train.lambda_v = 0.1  # weight of the cross-view InfoNCE loss L_cv
-_C.train.lambda_m = 0.001  # weight of the cross-modal (CBR) InfoNCE loss L_cm
-_C.train.grad_clip = -1.0  # clip the global gradient norm to this; <= 0 disables
-_C.train.max_logit_scale = 4.605170185988092  # log(100): clamp of the logit scales after each step
+_C.train.max_iter = 10000  # optimiser steps [1, inf)
+_C.train.snapshot_interval = 1000  # save a snapshot and score the validation split every N steps [1, inf)
+_C.train.log_interval = 20  # a log line (file, console, dashboard) every N steps [1, inf)
+_C.train.lambda_v = 0.1  # weight of the cross-view InfoNCE loss L_cv [0, inf)
+_C.train.lambda_m = 0.001  # weight of the cross-modal (CBR) InfoNCE loss L_cm [0, inf)
+_C.train.grad_clip = 0.0  # clip the global gradient norm to this; 0 disables [0, inf)
+_C.train.max_logit_scale = 4.605170185988092  # log(100): clamp of the logit scales after each step [0, inf)
 _C.train.amp = "none"  # "none", "bf16" or "fp16": autocast dtype, used on GPU only
-_C.train.beam_size = 1  # beam width of the validation captions (1 is greedy)
+_C.train.beam_size = 1  # beam width of the validation captions (1 is greedy) [1, inf)
 _C.train.recompute_attention = False  # rebuild the attention blocks (encoder, CBR, decoder cross-attention) in backward instead of storing their activations: less memory, same results, slower
 _C.train.compile = False  # torch.compile the model (worth it on a GPU; the first steps compile, slowly)
 _C.train.on_nonfinite_loss = "stop"  # "stop": end with an error at a NaN/Inf loss; "skip": drop that batch
 
 _C.train.optim = CN()
 _C.train.optim.type = "adam"  # only Adam is supported
-_C.train.optim.lr = 2e-4  # learning rate
-_C.train.optim.betas = (0.9, 0.999)  # Adam betas
-_C.train.optim.eps = 1e-8  # Adam epsilon
-_C.train.optim.weight_decay = 0.0  # L2 penalty
-_C.train.optim.step_size = 15  # StepLR: epochs between learning-rate drops
-_C.train.optim.gamma = 0.1  # StepLR: factor of each drop
+_C.train.optim.lr = 2e-4  # learning rate (0, inf)
+_C.train.optim.betas = (0.9, 0.999)  # Adam betas, each [0, 1)
+_C.train.optim.eps = 1e-8  # Adam epsilon (0, inf)
+_C.train.optim.weight_decay = 0.0  # L2 penalty [0, inf)
+_C.train.optim.step_size = 15  # StepLR: epochs between learning-rate drops [1, inf)
+_C.train.optim.gamma = 0.1  # StepLR: factor of each drop (0, 1]
 
 # ---------------------------------------------------------------------------------------
 _C.logger = CN()
 _C.logger.visdom = True  # plot to a visdom server; training goes on without one
 _C.logger.server = "http://127.0.0.1"  # visdom server address
-_C.logger.port = 8097  # visdom server port
-_C.logger.num_val_captions = 5  # validation captions shown in the dashboard's text pane
+_C.logger.port = 8097  # visdom server port [1, 65535]
+_C.logger.num_val_captions = 5  # validation captions shown in the dashboard's text pane [0, inf)
 
 
 def get_cfg_defaults():
@@ -121,6 +127,24 @@ _CHOICES = {
     "train.on_nonfinite_loss": ("stop", "skip"),
     "train.optim.type": ("adam",),
 }
+EXP_NAME = re.compile(r"[A-Za-z0-9+_.-]+")
+_RANGE = re.compile(r"([\[(])\s*(-inf|-?[0-9.e+-]+)\s*,\s*(inf|-?[0-9.e+-]+)\s*([\])])\s*$")
+
+
+def _ranges_from_comments():
+    """{dotted key: (low, low_closed, high, high_closed)} from the ranges closing the comments above."""
+    ranges = {}
+    with open(os.path.abspath(__file__)) as handle:
+        for line in handle:
+            match = re.match(r"_C\.([\w.]+) = .*#(.*)$", line.rstrip())
+            found = match and _RANGE.search(match.group(2))
+            if found:
+                ranges[match.group(1)] = (float(found.group(2)), found.group(1) == "[",
+                                          float(found.group(3)), found.group(4) == "]")
+    return ranges
+
+
+RANGES = _ranges_from_comments()
 
 
 class ConfigError(ValueError):
@@ -168,14 +192,63 @@ def _parse_value(text):
         return text
 
 
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _in_range(value, low, low_closed, high, high_closed):
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    return above and below
+
+
+def _range_text(low, low_closed, high, high_closed):
+    def number(v):
+        return "inf" if math.isinf(v) and v > 0 else "-inf" if math.isinf(v) else f"{v:g}"
+    return f"{'[' if low_closed else '('}{number(low)}, {number(high)}{']' if high_closed else ')'}"
+
+
+def check_config(cfg):
+    """ConfigError for a value outside its choices or range, or keys that contradict each other."""
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key} is {_get(cfg, key)!r}; it must be one of {', '.join(allowed)}")
+    for key, bounds in RANGES.items():
+        value = _get(cfg, key)
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if not _in_range(item, *bounds):
+                raise ConfigError(f"{key} is {value!r}; it must lie in {_range_text(*bounds)} "
+                                  f"(configs/defaults.py documents each key)")
+    if cfg.exp_name in (".", "..") or not EXP_NAME.fullmatch(cfg.exp_name):
+        raise ConfigError(f"exp_name {cfg.exp_name!r} must be one folder name made of letters, digits and "
+                          f"+ - _ . (not '.' or '..'), e.g. SCORER+CBR_run2; put other folders in exp_dir")
+    enc, dec, cbr = cfg.model.change_detector, cfg.model.speaker, cfg.model.cbr
+    if enc.att_dim % enc.att_head or enc.att_dim % 2:
+        raise ConfigError(f"model.change_detector.att_dim ({enc.att_dim}) must be even and a multiple of "
+                          f"model.change_detector.att_head ({enc.att_head})")
+    if dec.att_dim % dec.att_head:
+        raise ConfigError(f"model.speaker.att_dim ({dec.att_dim}) must be a multiple of model.speaker.att_head "
+                          f"({dec.att_head})")
+    if cbr.att_dim != enc.att_dim or cbr.att_dim % cbr.att_head:
+        raise ConfigError(f"model.cbr.att_dim ({cbr.att_dim}) must equal model.change_detector.att_dim "
+                          f"({enc.att_dim}) and be a multiple of model.cbr.att_head ({cbr.att_head})")
+    if dec.share_wd_cls_weight and dec.word_dim != dec.att_dim:
+        raise ConfigError(f"model.speaker.share_wd_cls_weight needs model.speaker.word_dim == model.speaker.att_dim "
+                          f"(got {dec.word_dim} and {dec.att_dim})")
+
+
 def load_config(cfg_file=None, overrides=(), gpu_id=None):
     """Defaults, then ``cfg_file`` (YAML), then ``KEY VALUE`` overrides, then a --gpu choice
-    (``gpu_id``, when given); returns a frozen tree."""
+    (``gpu_id``, when given); returns a checked, frozen tree."""
     cfg = get_cfg_defaults()
     if cfg_file is not None:
         if not os.path.isfile(cfg_file):
             raise ConfigError(f"config file {cfg_file} does not exist; pass one of the YAML files "
-                              f"under configs/, e.g. --cfg configs/dynamic/transformer.yaml")
+                              f"under configs/, e.g. --cfg configs/dynamic/transformer_quick.yaml")
         with open(cfg_file) as handle:
             try:
                 data = yaml.safe_load(handle)
@@ -190,11 +263,6 @@ def load_config(cfg_file=None, overrides=(), gpu_id=None):
         for part in reversed(key.split(".")):
             nested = {part: nested}
         merge_dict(cfg, nested, "command line")
-    for key, allowed in _CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if value not in allowed:
-            raise ConfigError(f"{key} is {value!r}; it must be one of {', '.join(allowed)}")
+    check_config(cfg)
     cfg.freeze()
     return cfg

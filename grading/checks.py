@@ -354,7 +354,8 @@ def check_cross_attention(student_module, rel, reference_module):
 def check_scorer_attention(student_module, rel, reference_module):
     cls = student_class(student_module, rel, "Attention")
     torch.manual_seed(4)
-    for dims in ({}, {"model.change_detector.att_dim": 24, "model.change_detector.att_head": 3}):
+    for dims in ({}, {"model.change_detector.att_dim": 24, "model.change_detector.att_head": 3,
+                      "model.cbr.att_dim": 24, "model.cbr.att_head": 3}):
         cfg = small_cfg(**dims)
         d, heads = cfg.model.change_detector.att_dim, cfg.model.change_detector.att_head
         reference = reference_module.Attention(cfg).eval()

@@ -17,7 +17,8 @@ import textwrap
 import zipfile
 
 from grading import GradingError
-from grading.snippets import ASSIGNMENT_FILES, REPO, assignment_blocks, blank_text, project_files, read_text
+from grading.snippets import REPO, assignment_blocks, blank_text, project_files, read_text
+from utils.assignment import ASSIGNMENT_FILES, SNIPPETS
 
 SNIPPET_POINTS = 15
 SMOKE_POINTS = 10
@@ -37,7 +38,7 @@ def reference_snippets():
                 raise GradingError(f"{rel}: the {block.name} block holds no solution; the grader must "
                                    f"run from the full project, not from the handout")
             found.append((block.name, rel))
-    order = ["CBR.CrossEn", "utils.CrossEn", "PositionEncoding", "SelfAttention", "CrossAttention", "Attention"]
+    order = list(SNIPPETS)
     from_checks = set(order)
     if {name for name, _ in found} != from_checks:
         raise GradingError(f"the project's blocks are {sorted(n for n, _ in found)} but the grader "

@@ -5,22 +5,19 @@ import subprocess
 from dataclasses import dataclass
 
 from grading import GradingError
+from utils.assignment import ASSIGNMENT_FILES, END_MARK, START_MARK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The files students hand in; every snippet lives in one of them.
-ASSIGNMENT_FILES = ("models/SCORER.py", "models/CBR.py", "models/transformer_decoder.py", "utils/utils.py")
-
-# Paths that never go into the handout: the tools below hold or compute the solution.
+# Paths that never go into the handout: the tools that hold or compute the solution, the tests
+# that spell the snippets out, and the instructors' and maintainers' documentation.
 # An entry ending in "/" excludes a whole folder.
-HANDOUT_EXCLUDE = ("grading/", "scripts/make_handout.py", "scripts/grade.py",
-                   "tests/test_handout.py", "tests/test_grader.py")
+HANDOUT_EXCLUDE = ("grading/", "scripts/make_handout.py", "scripts/grade.py", "tests/test_handout.py",
+                   "tests/test_grader.py", "tests/test_snippet_formulas.py", "docs/instructors.md",
+                   "docs/development.md")
 
 # Folders skipped when the project is not a git checkout.
 _WALK_SKIP = {".git", ".venv", "data", "experiments", "__pycache__", ".pytest_cache"}
-
-START_MARK = "== To Implement =="
-END_MARK = "== End =="
 
 
 @dataclass
@@ -113,6 +110,22 @@ def blank_text(text, blocks):
         stub = f'{block.indent}raise NotImplementedError("{block.name}"){newline}'
         lines[block.code_start:block.end] = [stub]
     return "".join(lines)
+
+
+HANDOUT_DROP = ("<!-- not in the handout -->", "<!-- end not in the handout -->")
+
+
+def handout_readme(text):
+    """The README without its parts for instructors and maintainers (between the HANDOUT_DROP markers)."""
+    begin, end = HANDOUT_DROP
+    kept = []
+    while begin in text:
+        head, rest = text.split(begin, 1)
+        if end not in rest:
+            raise GradingError(f"README.md: '{begin}' has no '{end}' after it")
+        kept.append(head)
+        text = rest.split(end, 1)[1].lstrip("\n")
+    return "".join(kept) + text
 
 
 def blanked_positions(blocks):

@@ -59,6 +59,14 @@ class CaptionModel(nn.Module):
             for module in blocks:
                 recompute_in_backward(module)
 
+    def logit_scales(self):
+        """{"encoder": ..., "cbr": ...}: the parameters whose exp is 1/tau of the two InfoNCE losses (the
+        encoder's is that of its last block; an encoder without blocks has none)."""
+        scales = {"cbr": self.cbr.contra.logit_scale}
+        if len(self.change_detector.scorer):
+            scales["encoder"] = self.change_detector.scorer[-1].attention.logit_scale
+        return scales
+
     def caption_loss(self, logits, target):
         """Cross-entropy (or the reference's label smoothing) over the positions whose target is not -1."""
         logits, target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)  # (B*L, V), (B*L,)
@@ -116,16 +124,20 @@ def scene_key(image_id):
 
 
 @torch.no_grad()
-def generate_captions(model, loader, idx_to_word, device, beam_size=1, amp="none", progress=None):
+def generate_captions(model, loader, idx_to_word, device, beam_size=1, amp="none", progress=None,
+                      should_stop=None):
     """Captions for every scene in loader: (sc_results, nsc_results) as COCO result lists.
 
     Image ids are "000123.png" for the changed pair and "000123.png_n" for the distractor pair.
+    should_stop() is asked before each batch; when it says True the result is (None, None).
     """
     was_training = model.training
     model.eval()
     sc_results, nsc_results = [], []
     try:
         for batch in loader:
+            if should_stop is not None and should_stop():
+                return None, None
             batch = move_batch(batch, device)
             with autocast_context(device, amp):
                 sc_seq, _ = model.generate(batch["d_feat"], batch["q_feat"], beam_size=beam_size)

@@ -20,6 +20,9 @@ import sys
 import time
 
 from configs.defaults import load_config
+from utils import synthetic_data
+from utils.assignment import missing_snippets
+from utils.errors import UserError
 from utils.visdom_server import VisdomServerError, start_server, stop_server, wait_for_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,14 +31,6 @@ CONFIG = os.path.join(ROOT, "configs/dynamic/transformer_demo.yaml")
 WORKDIR = ROOT  # data/demo and experiments/demo are relative to it (--workdir changes it)
 DATA = "data/demo"
 EXPERIMENT = "experiments/demo"
-RENDER_SIZE = ("128", "96")  # width, height of the rendered images
-# Random-weight ResNet-101 features (no ImageNet weights offline) keep shape only in the early
-# stages: layer1 on a 112 x 112 input (28 x 28 grid), averaged down to 7 x 7 for CPU speed, plus 18
-# channels of colour statistics per cell (--append_color), which random filters keep too weakly to
-# tell a changed colour from a changed light.
-FEATURE_ARGS = ("--image_height", "112", "--image_width", "112", "--model_stage", "1", "--output_grid", "7",
-                "--append_color")
-IMAGE_FOLDERS = (("images", "features"), ("sc_images", "sc_features"), ("nsc_images", "nsc_features"))
 
 # Quality the demo must reach on the synthetic test split.
 TARGETS = {"CIDEr": 60.0, "no_change_rate": 0.90, "right_type_rate": 0.70}
@@ -51,15 +46,6 @@ def run(command, stage):
 def python(script, *args):
     """A project script (by its absolute path: the demo may run in another working folder)."""
     return [sys.executable, script if script == "-m" else os.path.join(ROOT, script), *args]
-
-
-def imagenet_weights_present():
-    """True when torchvision's ResNet-101 ImageNet checkpoint is already in the torch hub cache."""
-    import torch
-    from torchvision.models import ResNet101_Weights
-
-    file_name = os.path.basename(ResNet101_Weights.IMAGENET1K_V1.url)
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", file_name))
 
 
 def port_open(port):
@@ -84,28 +70,6 @@ def start_visdom(port):
     return server
 
 
-def check_feature_settings(data, settings):
-    """Features on disk must come from this demo's extraction settings (an older checkout used others).
-
-    The settings are stamped next to the data before the first feature is written, so an interrupted
-    extraction resumes; features without a matching stamp stop the demo with what to do.
-    """
-    stamp = os.path.join(data, "feature_settings.json")
-    found = None
-    if os.path.exists(stamp):
-        with open(stamp) as handle:
-            found = json.load(handle)
-    elif not any(os.path.isdir(os.path.join(data, f)) and os.listdir(os.path.join(data, f))
-                 for _, f in IMAGE_FOLDERS):
-        with open(stamp, "w") as handle:
-            json.dump(settings, handle, indent=1)
-        return
-    if found != settings:
-        sys.exit(f"demo: the features under {data} were made with other settings ({found or 'unknown'}; this "
-                 f"demo uses {settings}).\nRun `make clean-demo` (it removes data/demo and experiments/demo) "
-                 f"and `make demo` again.")
-
-
 def best_iteration():
     with open(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")) as handle:
         return json.load(handle)["iteration"]
@@ -119,6 +83,12 @@ def main():
     parser.add_argument("--no_visdom", action="store_true", help="train without the dashboard")
     parser.add_argument("--workdir", default=ROOT, help="folder that receives data/demo and experiments/demo")
     args = parser.parse_args()
+    missing = missing_snippets()
+    if missing:
+        sys.exit(f"demo: {len(missing)} of the assignment's snippets are not implemented yet: "
+                 + ", ".join(f"{name} ({path})" for name, path in missing)
+                 + ".\nWrite them in their `== To Implement ==` blocks, check them with `make snippets`, "
+                   "then run `make demo` again.")
     global WORKDIR
     WORKDIR = os.path.abspath(args.workdir)
     os.makedirs(os.path.join(WORKDIR, EXPERIMENT), exist_ok=True)
@@ -134,30 +104,25 @@ def main():
         timings.append((name, time.time() - start))
 
     data = os.path.join(WORKDIR, DATA)
-    stage("1. generate synthetic CLEVR-Change", lambda: os.path.exists(os.path.join(data, "scenes.json")),
-          lambda: run(python("scripts/generate_synthetic_clevr.py", "--output_dir", DATA, "--num_scenes",
-                             str(args.num_scenes), "--width", RENDER_SIZE[0], "--height", RENDER_SIZE[1]),
-                      "generate"))
+    stage("1. generate synthetic CLEVR-Change", lambda: synthetic_data.generated(data),
+          lambda: run(synthetic_data.generate_command(DATA, args.num_scenes), "generate"))
 
-    weights = "imagenet" if imagenet_weights_present() else "random"
+    weights = "imagenet" if synthetic_data.imagenet_weights_present() else "random"
     print(f"\nfeatures use {weights} ResNet-101 weights"
           + ("" if weights == "imagenet" else " (no ImageNet checkpoint in the torch hub cache)"))
-    check_feature_settings(data, {"extract_features": list(FEATURE_ARGS), "weights": weights})
-    for images, features in IMAGE_FOLDERS:
+    try:
+        synthetic_data.check_feature_settings(
+            data, {"extract_features": list(synthetic_data.FEATURE_ARGS), "weights": weights},
+            "make clean-demo` (it removes data/demo and experiments/demo) and `make demo")
+    except UserError as err:
+        sys.exit(f"demo: {err}")
+    for images, features in synthetic_data.IMAGE_FOLDERS:
         stage(f"2. extract features {images} -> {features}",
-              lambda: os.path.isdir(os.path.join(data, features)) and len(os.listdir(os.path.join(data, features)))
-              >= len(os.listdir(os.path.join(data, images))),
-              lambda: run(python("scripts/extract_features.py", "--input_image_dir", f"{DATA}/{images}",
-                                 "--output_dir", f"{DATA}/{features}", "--batch_size", "50",
-                                 *FEATURE_ARGS, "--weights", weights), "extract"))
+              lambda: synthetic_data.extracted(data, images, features),
+              lambda: run(synthetic_data.extract_command(DATA, images, features, weights), "extract"))
 
-    stage("3. preprocess captions", lambda: os.path.exists(os.path.join(data, "transformer_labels.h5")),
-          lambda: run(python("scripts/preprocess_captions_transformer.py",
-                             "--input_captions_json", f"{DATA}/change_captions.json",
-                             "--input_neg_captions_json", f"{DATA}/no_change_captions.json",
-                             "--input_image_dir", f"{DATA}/images", "--split_json", f"{DATA}/splits.json",
-                             "--output_vocab_json", f"{DATA}/transformer_vocab.json",
-                             "--output_h5", f"{DATA}/transformer_labels.h5"), "preprocess"))
+    stage("3. preprocess captions", lambda: synthetic_data.preprocessed(data),
+          lambda: run(synthetic_data.preprocess_command(DATA), "preprocess"))
 
     overrides = [] if args.max_iter is None else ["train.max_iter", str(args.max_iter)]
     overrides += ["logger.visdom", str(not args.no_visdom), "logger.port", str(args.port)]
@@ -185,7 +150,7 @@ def main():
     test_dir = os.path.join(WORKDIR, EXPERIMENT, "test_output", "captions")
     stage(f"6. caption the test split with snapshot {iteration}",
           lambda: os.path.exists(os.path.join(test_dir, "test", "sc_results.json")),
-          lambda: run(python("test.py", "--cfg", CONFIG, "--snapshot", str(iteration)), "test"))
+          lambda: run(python("test.py", "--cfg", CONFIG, "--snapshot", "best"), "test"))
 
     anno, types = f"{DATA}/total_change_captions_reformat.json", f"{DATA}/type_mapping.json"
     stage("7. evaluate validation captions",

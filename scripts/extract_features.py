@@ -140,14 +140,15 @@ def parse_grid(text):
     return tuple(sizes)
 
 
-def color_channels(images, grid):
+def color_channels(images, grid, weight=1.0):
     """Eighteen colour statistics per cell of a (height, width) grid, from normalised images (B, 3, H, W).
 
     The mean and the standard deviation of the normalised RGB values (shading, highlights of metal),
     and the mean chromaticity r/(r+g+b) ... of each quarter of the cell (3 x 4 channels), which a
     change of light leaves as it is but a change of colour does not; quarters, because a small object
     fills a quarter of a cell better than the whole. Scaled to a spread of about 1 over CLEVR-like
-    scenes (mostly grey: chromaticity varies by about 0.035 around 1/3), as the ResNet channels have.
+    scenes (mostly grey: chromaticity varies by about 0.035 around 1/3), as the ResNet channels have,
+    then multiplied by ``weight``.
     """
     pool = torch.nn.functional.adaptive_avg_pool2d
     height, width = grid
@@ -157,12 +158,12 @@ def color_channels(images, grid):
     quarters = torch.nn.functional.pixel_unshuffle(pool(chromaticity, (2 * height, 2 * width)), 2)  # (B, 12, h, w)
     mean = pool(images, grid)  # (B, 3, h, w)
     std = (pool(images * images, grid) - mean * mean).clamp_min(0).sqrt()
-    return torch.cat([mean * 3, std * 3, (quarters - 1 / 3) * 30], dim=1)  # (B, 18, h, w)
+    return weight * torch.cat([mean * 3, std * 3, (quarters - 1 / 3) * 30], dim=1)  # (B, 18, h, w)
 
 
 def extract(input_image_dir, output_dir, batch_size=128, max_images=-1, image_height=224,
             image_width=224, model_name="resnet101", model_stage=3, weights="imagenet", seed=0,
-            device=None, output_grid=None, append_color=False, progress=True):
+            device=None, output_grid=None, append_color=False, progress=True, color_weight=1.0):
     """Writes features of every image not yet done; returns a dict of figures for the report."""
     names = list_images(input_image_dir, max_images)
     os.makedirs(output_dir, exist_ok=True)
@@ -195,7 +196,8 @@ def extract(input_image_dir, output_dir, batch_size=128, max_images=-1, image_he
             if output_grid is not None:
                 feats = torch.nn.functional.adaptive_avg_pool2d(feats, output_grid)
             if append_color:
-                feats = torch.cat([feats, color_channels(batch, feats.shape[-2:]).to(feats.dtype)], dim=1)
+                colors = color_channels(batch, feats.shape[-2:], color_weight)
+                feats = torch.cat([feats, colors.to(feats.dtype)], dim=1)
             feats = feats.float().cpu()
             total += feats.sum().item()
             total_sq += feats.double().pow(2).sum().item()
@@ -233,12 +235,14 @@ def main(argv=None):
                         help="average-pool the grid to N or HxW (small grids for CPU demos)")
     parser.add_argument("--append_color", action="store_true",
                         help="append 18 channels of colour statistics per grid cell (C grows by 18)")
+    parser.add_argument("--color_weight", type=float, default=1.0,
+                        help="multiply the --append_color channels by this (the CPU demo uses 3)")
     args = parser.parse_args(argv)
     try:
         stats = extract(args.input_image_dir, args.output_dir, args.batch_size, args.max_images,
                         args.image_height, args.image_width, args.model, args.model_stage,
                         args.weights, args.seed, args.device, parse_grid(args.output_grid),
-                        args.append_color)
+                        args.append_color, color_weight=args.color_weight)
     except ExtractError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-CHANGE_TYPES = ("color", "material", "add", "drop", "move")
+from utils.eval_utils import build_references
+from utils.fileio import write_json_atomic
+from utils.text import CHANGE_TYPES
 SHAPES = ("cube", "sphere", "cylinder")
 # CLEVR's palette (sRGB, 0..255).
 COLORS = {
@@ -590,8 +592,12 @@ def _layout_ok(boxes, change, target_k, width, height):
     return _well_visible(view_boxes[k], shares[k], width, height)
 
 
-def make_scene(scene_id, change, seed, width, height, supersample=SUPERSAMPLE):
-    """Sample and render one triplet; returns (images dict, record dict)."""
+def make_scene(scene_id, change, seed, width, height, supersample=SUPERSAMPLE, viewpoint_shift=1.0):
+    """Sample and render one triplet; returns (images dict, record dict).
+
+    viewpoint_shift scales the camera and light jitter of the changed and the distractor image
+    (1.0: the default; 0: the same camera and light as the "before" image, up to its own jitter).
+    """
     rng = np.random.default_rng([seed, scene_id])
     lo, hi = {"add": (3, 5), "drop": (4, 6)}.get(change, (3, 6))
     for _ in range(100):
@@ -602,10 +608,10 @@ def make_scene(scene_id, change, seed, width, height, supersample=SUPERSAMPLE):
         if changed is None:
             continue
         after, target_k, details = changed
-        cameras = {"default": _jitter_camera(rng, 0.5), "semantic": _jitter_camera(rng, 1.0),
-                   "nonsemantic": _jitter_camera(rng, 1.0)}
-        lights = {"default": _jitter_light(rng, 0.3), "semantic": _jitter_light(rng, 1.0),
-                  "nonsemantic": _jitter_light(rng, 1.0)}
+        cameras = {"default": _jitter_camera(rng, 0.5), "semantic": _jitter_camera(rng, viewpoint_shift),
+                   "nonsemantic": _jitter_camera(rng, viewpoint_shift)}
+        lights = {"default": _jitter_light(rng, 0.3), "semantic": _jitter_light(rng, viewpoint_shift),
+                  "nonsemantic": _jitter_light(rng, viewpoint_shift)}
         # The union list: "before" objects, then the added one (add); after-attributes live in
         # the change record.
         union = before + ([after[-1]] if change == "add" else [])
@@ -666,8 +672,8 @@ def _save_png(image, path):
 
 
 def _work(job):
-    scene_id, change, seed, width, height, out_dir, supersample = job
-    images, record = make_scene(scene_id, change, seed, width, height, supersample)
+    scene_id, change, seed, width, height, out_dir, supersample, viewpoint_shift = job
+    images, record = make_scene(scene_id, change, seed, width, height, supersample, viewpoint_shift)
     for name, image in images.items():
         _save_png(image, os.path.join(out_dir, IMAGE_DIRS[name], IMAGE_NAMES[name] % scene_id))
     return record
@@ -675,13 +681,6 @@ def _work(job):
 
 # ----------------------------------------------------------------------------------------
 # Index files
-def _write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def make_splits(ids, seed):
     """About 85 / 5 / 10 percent of the ids, shuffled with the seed, each list sorted."""
     order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(ids))
@@ -700,35 +699,29 @@ def write_index(records, out_dir, seed):
     type_mapping = {t: [] for t in CHANGE_TYPES}
     for r in records:
         type_mapping[r["change_type"]].append("%06d.png" % r["image_id"])
-    images, annotations = [], []
-    for r in records:
-        for suffix, caps in (("", r["captions"]), ("_n", r["no_change_captions"])):
-            image_id = "%06d.png%s" % (r["image_id"], suffix)
-            images.append({"id": image_id})
-            for cap in caps:
-                annotations.append({"caption": cap, "id": len(annotations), "image_id": image_id})
-    coco = {"info": {"description": "synthetic CLEVR-Change captions (change and no-change)"},
-            "licenses": [], "type": "captions", "images": images, "annotations": annotations}
+    coco = build_references(change, no_change, "synthetic CLEVR-Change captions (change and no-change)")
     scenes = {"scenes": [{k: v for k, v in r.items()
                           if k not in ("captions", "no_change_captions")} for r in records]}
-    _write_json(change, os.path.join(out_dir, "change_captions.json"))
-    _write_json(no_change, os.path.join(out_dir, "no_change_captions.json"))
-    _write_json(make_splits(ids, seed), os.path.join(out_dir, "splits.json"))
-    _write_json(type_mapping, os.path.join(out_dir, "type_mapping.json"))
-    _write_json(coco, os.path.join(out_dir, "total_change_captions_reformat.json"))
-    _write_json(scenes, os.path.join(out_dir, "scenes.json"))
+    write_json_atomic(os.path.join(out_dir, "change_captions.json"), change, indent=None)
+    write_json_atomic(os.path.join(out_dir, "no_change_captions.json"), no_change, indent=None)
+    write_json_atomic(os.path.join(out_dir, "splits.json"), make_splits(ids, seed), indent=None)
+    write_json_atomic(os.path.join(out_dir, "type_mapping.json"), type_mapping, indent=None)
+    write_json_atomic(os.path.join(out_dir, "total_change_captions_reformat.json"), coco, indent=None)
+    write_json_atomic(os.path.join(out_dir, "scenes.json"), scenes, indent=None)
 
 
 def generate(output_dir, num_scenes, seed=0, width=480, height=320, workers=None, start_id=0,
-             supersample=SUPERSAMPLE, progress=True):
+             supersample=SUPERSAMPLE, progress=True, viewpoint_shift=1.0):
     """Render ``num_scenes`` triplets and write every index file; returns the scene records."""
     if num_scenes < len(CHANGE_TYPES):
         raise ValueError(f"--num_scenes must be at least {len(CHANGE_TYPES)} (one per change "
                          f"type); got {num_scenes}")
     for sub in IMAGE_DIRS.values():
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+    if viewpoint_shift < 0:
+        raise ValueError(f"--viewpoint_shift must be at least 0; got {viewpoint_shift}")
     jobs = [(start_id + i, change_type_of(start_id + i, num_scenes, start_id), seed, width,
-             height, output_dir, supersample) for i in range(num_scenes)]
+             height, output_dir, supersample, viewpoint_shift) for i in range(num_scenes)]
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=num_scenes, desc="scenes", unit="scene", disable=not progress)
     records = []
@@ -791,13 +784,16 @@ def main(argv=None):
     parser.add_argument("--start_id", type=int, default=0, help="id of the first scene")
     parser.add_argument("--supersample", type=int, default=SUPERSAMPLE,
                         help="rays per pixel along each axis (anti-aliasing)")
+    parser.add_argument("--viewpoint_shift", type=float, default=1.0,
+                        help="scale of the camera and light change of the changed and distractor images "
+                             "(1: default; 2: twice as strong distractors)")
     parser.add_argument("--preview", metavar="PNG",
                         help="also write a sheet of a few triplets (one per change type) here")
     args = parser.parse_args(argv)
     try:
         start = time.time()
         records = generate(args.output_dir, args.num_scenes, args.seed, args.width, args.height,
-                           args.workers, args.start_id, args.supersample)
+                           args.workers, args.start_id, args.supersample, viewpoint_shift=args.viewpoint_shift)
         elapsed = time.time() - start
         print(f"{len(records)} scenes ({3 * len(records)} images of {args.width}x{args.height}) "
               f"in {elapsed:.1f} s: {3 * len(records) / elapsed:.1f} images/s with "

@@ -1,23 +1,29 @@
-"""Cut the student handout: the project with the six snippets blanked.
+"""Cut the student handout: a complete student repository with the six snippets blanked.
 
     python scripts/make_handout.py --output DIR [--tar FILE.tar.gz]
     python scripts/make_handout.py --positions      # file:line of each block in the handout
 
-The handout holds the tracked files minus the grading tools (grading.snippets.HANDOUT_EXCLUDE);
-inside each `== To Implement ==` block the marker and hint comments stay and the solution lines
-become `raise NotImplementedError("<snippet>")`. Students run its tests with
-`pytest -m "not slow and not snippets"` until they have written the snippets.
+The handout holds the tracked files minus the instructor tools and docs and the tests that spell
+the snippets out (grading.snippets.HANDOUT_EXCLUDE). Inside each `== To Implement ==` block the
+marker and hint comments stay and the solution lines become `raise NotImplementedError("<snippet>")`.
+The README loses its parts for instructors and maintainers (between `<!-- not in the handout -->`
+and `<!-- end not in the handout -->`). tests/snippet_cases.pt gets the solution's outputs on
+recorded inputs, which tests/test_snippets.py (`make snippets`) compares the students' snippets with.
 """
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
 
 from grading import GradingError
-from grading.snippets import (ASSIGNMENT_FILES, REPO, assignment_blocks, blank_text,
-                              blanked_positions, is_excluded, project_files, read_text)
+from grading.snippets import (REPO, assignment_blocks, blank_text, blanked_positions, handout_readme,
+                              is_excluded, project_files, read_text)
+from utils.assignment import ASSIGNMENT_FILES
+
+CASES = "tests/snippet_cases.pt"  # written by tests/snippet_cases.py, read by tests/test_snippets.py
 
 
 def handout_positions(root=REPO):
@@ -45,13 +51,19 @@ def write_handout(output, root=REPO):
                 continue
             source, target = os.path.join(root, rel), os.path.join(staging, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            if rel in blocks:
+            if rel in blocks or rel == "README.md":
+                text = read_text(source)
                 with open(target, "w", encoding="utf-8", newline="") as f:
-                    f.write(blank_text(read_text(source), blocks[rel]))
+                    f.write(blank_text(text, blocks[rel]) if rel in blocks else handout_readme(text))
                 shutil.copymode(source, target)
             else:
                 shutil.copy2(source, target)
             written.append(rel)
+        recorded = subprocess.run([sys.executable, "-m", "tests.snippet_cases", "--record",
+                                   os.path.join(staging, CASES)], cwd=root, capture_output=True, text=True)
+        if recorded.returncode:
+            raise GradingError(f"recording the snippet cases failed: {recorded.stderr.strip()[-1000:]}")
+        written.append(CASES)
         missing = [rel for rel in ASSIGNMENT_FILES if rel not in written]
         if missing:
             raise GradingError(f"{', '.join(missing)} not tracked by git in {root}; `git add` them first")

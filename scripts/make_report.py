@@ -26,14 +26,15 @@ import tempfile
 
 import matplotlib
 
+from configs.defaults import load_config
+from utils.checkpoint import list_snapshots
+from utils.cli import parse_with_overrides, report_errors, snapshot_choice
+from utils.errors import UserError
+from utils.fileio import read_json, write_text_atomic
+from utils.text import CHANGE_TYPES
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-
-from configs.defaults import ConfigError, load_config  # noqa: E402
-from utils.checkpoint import SnapshotError, list_snapshots  # noqa: E402
-from utils.dataset import DataError  # noqa: E402
-from utils.fileio import write_text_atomic  # noqa: E402
-from utils.text import CHANGE_TYPES  # noqa: E402
 
 VISUALIZE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "visualize.py")
 FIGURE_INDEX = "triplets.json"  # written by scripts/visualize.py next to its figures
@@ -44,17 +45,12 @@ TEST_ROWS = ("total", "semantic", "non_semantic") + CHANGE_TYPES
 LOSSES = ("total", "caption", "cross_view", "cross_modal")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """An input file that exists but cannot be used; the message names it."""
 
 
 def _read_json(path):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path} is not valid JSON ({err}); re-create it with the tool that "
-                          f"wrote it (evaluate.py, train.py)") from None
+    return read_json(path, "", "re-create it with the tool that wrote it (evaluate.py, train.py)", ReportError)
 
 
 def _pct(value):
@@ -251,7 +247,10 @@ def collect(cfg, exp_root, snapshot=None, draw_figures=True):
     best, best_source = best_validation(exp_root, val_records)
     best_snapshot = choose_snapshot(cfg, best)
     figures_dir = os.path.join(exp_root, "figures")
-    entries, figure_note = figure_entries(cfg, figures_dir, snapshot or best_snapshot, draw_figures)
+    available = list_snapshots(cfg)
+    chosen = {"best": best_snapshot, None: best_snapshot, "last": available[-1] if available else None}.get(
+        snapshot, snapshot)
+    entries, figure_note = figure_entries(cfg, figures_dir, chosen, draw_figures)
     notes = []
     if not os.path.isfile(metrics_path):
         notes.append(f"No training log: {metrics_path} does not exist (train.py writes it).")
@@ -449,18 +448,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="the config the experiment was trained with")
     parser.add_argument("--exp_dir", default=None, help="experiment folder (default <exp_dir>/<exp_name>)")
-    parser.add_argument("--snapshot", type=int, default=None,
-                        help="snapshot for new figures (default: best on validation)")
+    parser.add_argument("--snapshot", type=snapshot_choice, default="best",
+                        help="snapshot for new figures: an iteration, best (default: highest validation CIDEr) or last")
     parser.add_argument("--no_figures", action="store_true", help="do not draw figures when none exist")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-    try:
+    args = parse_with_overrides(parser, argv)
+
+    def run():
         cfg = load_config(args.cfg, args.opts)
-        paths = make_report(cfg, args.exp_dir, args.snapshot, not args.no_figures, args.cfg)
-    except (ConfigError, DataError, SnapshotError, ReportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print("wrote " + " and ".join(paths))
+        return make_report(cfg, args.exp_dir, args.snapshot, not args.no_figures, args.cfg)
+
+    print("wrote " + " and ".join(report_errors(run)))
     return 0
 
 

@@ -18,10 +18,13 @@ import sys
 import h5py
 import numpy as np
 
+from utils.dataset import DataError, check_splits
+from utils.errors import UserError
+from utils.fileio import read_json
 from utils.text import build_vocab, encode, tokenize
 
 
-class PreprocessError(Exception):
+class PreprocessError(UserError):
     """Input that cannot be turned into labels; the message names the file and the fix."""
 
 
@@ -45,24 +48,24 @@ def image_ids(image_dir):
 
 
 def _load_json(path, what):
-    if not os.path.isfile(path):
-        raise PreprocessError(f"{what} file {path} does not exist")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise PreprocessError(f"{what} file {path} is not valid JSON: {err}") from None
+    return read_json(path, f"{what} file", error=PreprocessError)
 
 
 def _tokenized_captions(captions, ids, path):
     """{id: [token lists]} for the ids that have captions in ``captions`` (keyed by file name)."""
+    if not isinstance(captions, dict):
+        raise PreprocessError(f"{path} must map image file names to lists of captions, e.g. "
+                              f'{{"CLEVR_default_000123.png": ["the cube moved", ...]}}')
     by_id = {}
     for scene_id, name in ids.items():
-        caps = captions.get(name)
-        if caps is None:
+        if name not in captions:
             continue
+        caps = captions[name]
         if isinstance(caps, str):
             caps = [caps]
+        if not isinstance(caps, list) or not all(isinstance(cap, str) for cap in caps):
+            raise PreprocessError(f"{path}: the captions of {name} (scene id {scene_id}) must be a list of "
+                                  f"strings, got {json.dumps(caps)[:80]}; fix or remove that entry")
         token_lists = []
         for cap in caps:
             tokens = tokenize(cap)
@@ -104,6 +107,10 @@ def preprocess(captions_json, neg_captions_json, image_dir, split_json, vocab_js
     captions = _load_json(captions_json, "change-caption")
     neg_captions = _load_json(neg_captions_json, "no-change-caption")
     splits = _load_json(split_json, "split")
+    try:
+        check_splits(splits, split_json)
+    except DataError as err:
+        raise PreprocessError(str(err)) from None
     if "train" not in splits:
         raise PreprocessError(f"{split_json} has no 'train' list; the vocabulary is built from "
                               f"the train split")

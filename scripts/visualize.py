@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from configs.defaults import ConfigError, load_config
+from configs.defaults import load_config
 from models.captioner import load_trained_model
-from utils.checkpoint import SnapshotError
-from utils.dataset import DataError, RCCDataset
-from utils.device import select_device
+from utils.cli import command_with, parse_with_overrides, report_errors, snapshot_choice
+from utils.dataset import RCCDataset
+from utils.device import DeviceError, select_device, working_gpu_id
+from utils.errors import UserError
 from utils.eval_utils import EvalError, classify_caption, load_references
+from utils.experiment import resolve_snapshot
 from utils.fileio import write_json_atomic
 from utils.text import CHANGE_TYPES
 from utils.utils import decode_sequence
@@ -50,7 +52,7 @@ PANELS = (("before", "d_img_path", "default"), ("changed", "q_img_path", "semant
           ("distractor", "n_img_path", "nonsemantic"))
 
 
-class VisualizeError(ValueError):
+class VisualizeError(UserError):
     """Scene selection or inputs that cannot be drawn; the message says what to change."""
 
 
@@ -127,9 +129,10 @@ def caption_scenes(model, dataset, indices, idx_to_word, device, beam_size=1, re
             record[pair] = {
                 "caption": captions[b],
                 "read_as": classify_caption(captions[b]),
-                # Attention each view's grid cells receive from the other view's tokens.
-                "enc_before": att_ab[b].sum(dim=0).float().view(H, W).cpu().numpy(),
-                "enc_after": att_ba[b].sum(dim=0).float().view(H, W).cpu().numpy(),
+                # Attention each view's grid cells receive from the other view's tokens (none without
+                # SCORER blocks: the subtraction encoder of models/baselines.py).
+                "enc_before": None if att_ab is None else att_ab[b].sum(dim=0).float().view(H, W).cpu().numpy(),
+                "enc_after": None if att_ba is None else att_ba[b].sum(dim=0).float().view(H, W).cpu().numpy(),
                 "decoder": _softmax_mean(attention["decoder"][b], steps).view(H, W).cpu().numpy(),
             }
     for record in records:
@@ -307,7 +310,8 @@ def make_figures(cfg, iteration, ids=None, per_type=None, random_n=None, seed=0,
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="the config the snapshot was trained with")
-    parser.add_argument("--snapshot", type=int, required=True, help="iteration of the snapshot to load")
+    parser.add_argument("--snapshot", type=snapshot_choice, required=True,
+                        help="iteration of the snapshot, best (highest validation CIDEr) or last")
     pick = parser.add_mutually_exclusive_group(required=True)
     pick.add_argument("--ids", nargs="+", help="scene ids, e.g. --ids 12 40")
     pick.add_argument("--per_type", type=int, help="the first N scenes of each change type")
@@ -318,8 +322,7 @@ def parse_args(argv=None):
     parser.add_argument("--attention", action="store_true", help="add encoder and decoder attention rows")
     parser.add_argument("--beam_size", type=int, default=1, help="1 is greedy decoding")
     parser.add_argument("--gpu", type=int, default=None, help="CUDA device id; -1 for the CPU")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     if args.ids is not None:
         # --ids takes every word after it; the first one that is not a number starts the overrides.
         count = next((i for i, word in enumerate(args.ids) if not word.isdigit()), len(args.ids))
@@ -331,14 +334,22 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    try:
+
+    def run():
         cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        entries = make_figures(cfg, args.snapshot, args.ids, args.per_type, args.random_n, args.seed,
-                               args.split, args.output_dir, args.attention, args.beam_size)
-    except (ConfigError, DataError, SnapshotError, VisualizeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        script = "scripts/visualize.py"
+        try:
+            select_device(cfg.gpu_id)
+        except DeviceError as err:
+            raise DeviceError(f"{err}. This works here: {command_with(script, argv, gpu=working_gpu_id())}") from None
+        iteration = resolve_snapshot(cfg, args.snapshot, args.cfg,
+                                     lambda cfg_file, choice: command_with(script, argv, cfg=cfg_file, snapshot=choice))
+        return cfg, make_figures(cfg, iteration, args.ids, args.per_type, args.random_n, args.seed,
+                                 args.split, args.output_dir, args.attention, args.beam_size)
+
+    cfg, entries = report_errors(run)
     output_dir = args.output_dir or default_output_dir(cfg)
     for entry in entries:
         marks = ["right" if entry[k] else "wrong" for k in ("changed_right", "distractor_right")]

@@ -1,7 +1,14 @@
-"""Fixtures shared by the suite: the tiny synthetic data set, a tiny trained experiment, a visdom server.
+"""Fixtures shared by the suite (the tiny synthetic data set, a tiny trained experiment, a visdom
+server), and the report of the snippets still to write.
 
 The tests use tiny tensors: one thread avoids two threads fighting for the cores (on a busy 2-core
 machine a tiny training step took seconds instead of 0.04 s). Subprocesses inherit it.
+
+In the student handout the six snippets raise NotImplementedError until they are written. Then the
+tests marked `snippets` (they need the whole model) are skipped with that reason, a test that
+reaches an unwritten snippet is reported as skipped too, and the summary counts the snippets still
+to write: `make test` passes on the untouched handout. tests/test_snippets.py checks each snippet;
+`make snippets` prints its table.
 """
 import json
 import os
@@ -11,16 +18,75 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import SMALL_MODEL, make_tiny_data, tiny_cfg
+from tests.helpers import FAST, SMALL_MODEL, make_tiny_data, tiny_cfg
+from utils.assignment import SNIPPETS, missing_snippets
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+MISSING = missing_snippets()
+_SNIPPET_RESULTS = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not MISSING:
+        return
+    names = ", ".join(name for name, _ in MISSING)
+    skip = pytest.mark.skip(reason=f"needs the snippets not implemented yet: {names}")
+    for item in items:
+        if "snippets" in item.keywords and item.module.__name__ != "tests.test_snippets":
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    error = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(error, NotImplementedError) and str(error) in SNIPPETS:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: not implemented yet: {error}")
+    snippet = dict(item.user_properties).get("snippet")
+    if snippet is not None and report.when == "call":
+        if report.outcome == "skipped":
+            _SNIPPET_RESULTS[snippet] = "not implemented yet"
+        elif report.failed:
+            lines = [line for line in str(report.longrepr).splitlines() if line.startswith("E ")]
+            _SNIPPET_RESULTS[snippet] = "WRONG: " + (lines[0][1:].strip() if lines else "see the failure above")
+        else:
+            _SNIPPET_RESULTS[snippet] = "matches the solution"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SNIPPET_RESULTS:
+        terminalreporter.section("snippets")
+        for name in SNIPPETS:
+            if name in _SNIPPET_RESULTS:
+                terminalreporter.write_line(f"{name:18} {_SNIPPET_RESULTS[name]}")
+    if MISSING:
+        terminalreporter.write_line(
+            f"{len(MISSING)} of {len(SNIPPETS)} snippets are not implemented yet: "
+            + ", ".join(f"{name} ({path})" for name, path in MISSING)
+            + ". Tests that need them were skipped; write them in the `== To Implement ==` blocks and check "
+              "them with `make snippets`.", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Paths of a 40-scene synthetic data set (tests.helpers.make_tiny_data); treat it as read-only."""
     return make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def trained_experiment(tiny_data, tmp_path_factory):
+    """The config of a finished 2-iteration run of the smallest model (snapshot 2); copy its folder
+    before changing anything in it."""
+    import train
+
+    cfg = tiny_cfg(tiny_data, exp_dir=str(tmp_path_factory.mktemp("trained")), exp_name="base",
+                   **{**FAST, "train.max_iter": 2, "train.snapshot_interval": 2})
+    train.do_train(cfg)
+    return cfg
 
 
 @pytest.fixture(scope="session")

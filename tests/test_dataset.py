@@ -1,6 +1,7 @@
 """The loader: batches, max_samples, swap augmentation, exact resume, and its clear errors."""
 import json
 import os
+import re
 import shutil
 
 import h5py
@@ -9,15 +10,17 @@ import pytest
 import torch
 
 from tests.helpers import tiny_cfg
-from utils.dataset import CHANGE_TYPES, DataError, RCCDataset, build_dataloader
-from utils.text import decode
+from utils.dataset import DataError, RCCDataset, epoch_batches, stratified_subset, train_batches
+from utils.text import CHANGE_TYPES, decode
+
+CPU = torch.device("cpu")
 
 
 def test_train_batch_layout(tiny_data):
     cfg = tiny_cfg(tiny_data, **{"data.train.seq_per_img": 3})
     ds = RCCDataset(cfg, "train")
     assert len(ds) == 34 and ds.feature_shape == (256, 4, 4) and len(ds.vocab) == 76
-    batch = next(iter(build_dataloader(cfg, "train", shuffle=True)))
+    batch = next(train_batches(ds, cfg, CPU))
     assert batch["d_feat"].shape == (4, 256, 4, 4) and batch["q_feat"].dtype == torch.float32
     for prefix in ("pos", "neg"):
         labels, masks = batch[prefix + "_labels"], batch[prefix + "_masks"]
@@ -32,11 +35,12 @@ def test_train_batch_layout(tiny_data):
     assert batch["image_id"].dtype == torch.int64 and len(batch["q_img_path"]) == 4
 
 
-def test_eval_split_uses_first_caption_and_max_samples(tiny_data):
+def test_eval_split_uses_the_first_caption_and_a_subset_in_split_order(tiny_data):
     cfg = tiny_cfg(tiny_data, **{"data.test.max_samples": 3, "data.train.seq_per_img": 5})
     ds = RCCDataset(cfg, "test")
     with open(tiny_data["splits"]) as f:
-        assert ds.ids == json.load(f)["test"][:3]
+        split = json.load(f)["test"]
+    assert len(ds.ids) == 3 and ds.ids == [i for i in split if i in ds.ids]
     item = ds[0]
     assert item["pos_labels"].shape == (1, 24)
     with open(tiny_data["change_captions"]) as f:
@@ -82,9 +86,16 @@ def test_set_epoch_is_deterministic(tiny_data):
     assert _signature(a) == _signature(b)
     b.set_epoch(4)
     assert _signature(a) != _signature(b)
-    order = lambda seed: [x["image_id"].tolist() for x in build_dataloader(  # noqa: E731
-        cfg, "train", shuffle=True, epoch_seed=seed, dataset=a)]
-    assert order(5) == order(5) and order(5) != order(6)
+    per_epoch = len(a) // cfg.data.train.batch_size
+
+    def epoch(position):
+        stream = train_batches(a, cfg, CPU, position)
+        return [next(stream)["image_id"].tolist() for _ in range(per_epoch)]
+
+    assert epoch(5 * per_epoch) == epoch(5 * per_epoch) and epoch(5 * per_epoch) != epoch(6 * per_epoch)
+    # Resuming mid-epoch gives the batches an uninterrupted stream gives there.
+    assert epoch(5 * per_epoch)[3:] == epoch(5 * per_epoch + 3)[:per_epoch - 3]
+    assert epoch_batches(34, 4, seed=1, epoch=2) == epoch_batches(34, 4, seed=1, epoch=2)
 
 
 def test_in_memory_matches_files(tiny_data):
@@ -125,12 +136,20 @@ def test_feature_folders_with_different_ids(copied):
         RCCDataset(tiny_cfg(copied), "train")
 
 
-def test_split_id_without_features(copied):
+def test_split_id_without_features(copied, tmp_path):
     with open(copied["splits"]) as f:
         splits = json.load(f)
     splits["train"].append(123)
     with open(copied["splits"], "w") as f:
         json.dump(splits, f)
+    with pytest.raises(DataError, match=r"type_mapping.json has no change type for 1 ids .*\[123\]"):
+        RCCDataset(tiny_cfg(copied), "train")
+    with open(copied["type_mapping"]) as f:
+        mapping = json.load(f)
+    mapping["move"].append("000123.png")
+    copied["type_mapping"] = str(tmp_path / "types.json")
+    with open(copied["type_mapping"], "w") as f:
+        json.dump(mapping, f)
     with pytest.raises(DataError, match=r"no feature file .*\[123\]"):
         RCCDataset(tiny_cfg(copied), "train")
 
@@ -168,3 +187,45 @@ def test_captions_longer_than_seq_length(tiny_data):
 def test_empty_split_after_max_samples(tiny_data):
     with pytest.raises(DataError, match="max_samples"):
         RCCDataset(tiny_cfg(tiny_data, **{"data.val.max_samples": 0}), "val")
+
+
+def grouped_split(counts, seed=0):
+    """Ids grouped by change type like the real splits.json: the types' blocks in order, each shuffled."""
+    rng = np.random.default_rng(seed)
+    ids, types = [], []
+    for t, count in enumerate(counts):
+        block = list(range(t * 8000, t * 8000 + count))
+        rng.shuffle(block)
+        ids += block
+        types += [t] * count
+    return ids, types
+
+
+def test_max_samples_keeps_the_change_types_of_a_grouped_split():
+    ids, types = grouped_split([6764, 6768, 6771, 6766, 6761])  # the real train split
+    type_of = dict(zip(ids, types))
+    subset = stratified_subset(ids, types, 8500, seed=0)
+    counts = [sum(type_of[i] == t for i in subset) for t in range(5)]
+    # Shares of 8,500: 1699.53, 1700.54, 1701.28, 1700.03, 1698.77; the two largest remainders round up.
+    assert counts == [1699, 1701, 1701, 1700, 1699]
+    position = {i: k for k, i in enumerate(ids)}
+    assert [position[i] for i in subset] == sorted(position[i] for i in subset)  # the split's own order
+    assert stratified_subset(ids, types, 8500, seed=0) == subset  # deterministic
+    assert stratified_subset(ids, types, 8500, seed=1) != subset
+    # The same ids whatever order the split lists them in.
+    shuffled = list(zip(ids, types))
+    np.random.default_rng(5).shuffle(shuffled)
+    again = stratified_subset([i for i, _ in shuffled], [t for _, t in shuffled], 8500, seed=0)
+    assert sorted(again) == sorted(subset)
+    val_ids, val_types = grouped_split([397, 398, 398, 398, 397])
+    first = stratified_subset(val_ids, val_types, 400, seed=0)
+    chosen = set(first)
+    assert [sum(t == k for i, t in zip(val_ids, val_types) if i in chosen) for k in range(5)] == [80, 80, 80, 80, 80]
+    assert stratified_subset(val_ids, val_types, 5000, seed=0) == val_ids
+
+
+def test_the_loader_says_what_it_uses(tiny_data, capsys):
+    RCCDataset(tiny_cfg(tiny_data, **{"data.train.max_samples": 10}), "train")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("data: train split, 10 of 34 scene ids (color ")
+    assert sum(int(n) for n in re.findall(r"(?:color|material|add|drop|move) (\d+)", line)) == 10

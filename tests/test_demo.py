@@ -31,17 +31,18 @@ def test_demo_runs_every_stage_and_skips_them_the_second_time(tmp_path):
 
 
 def test_features_from_other_settings_stop_the_demo(tmp_path):
-    from scripts import demo
+    from utils.errors import UserError
+    from utils.synthetic_data import FEATURE_ARGS, check_feature_settings
 
-    settings = {"extract_features": list(demo.FEATURE_ARGS), "weights": "random"}
-    demo.check_feature_settings(str(tmp_path), settings)  # nothing there yet: stamped
+    settings = {"extract_features": list(FEATURE_ARGS), "weights": "random"}
+    check_feature_settings(str(tmp_path), settings, "make clean-demo")  # nothing there yet: stamped
     assert json.loads((tmp_path / "feature_settings.json").read_text()) == settings
-    demo.check_feature_settings(str(tmp_path), settings)  # same settings: goes on
+    check_feature_settings(str(tmp_path), settings, "make clean-demo")  # same settings: goes on
 
-    with pytest.raises(SystemExit, match="make clean-demo"):
-        demo.check_feature_settings(str(tmp_path), dict(settings, weights="imagenet"))
+    with pytest.raises(UserError, match="make clean-demo"):
+        check_feature_settings(str(tmp_path), dict(settings, weights="imagenet"), "make clean-demo")
     os.remove(tmp_path / "feature_settings.json")
     (tmp_path / "features").mkdir()
     (tmp_path / "features" / "CLEVR_default_000000.png.npy").write_bytes(b"")
-    with pytest.raises(SystemExit, match="other settings"):  # features of an older checkout, no stamp
-        demo.check_feature_settings(str(tmp_path), settings)
+    with pytest.raises(UserError, match="other settings"):  # features of an older checkout, no stamp
+        check_feature_settings(str(tmp_path), settings, "make clean-demo")

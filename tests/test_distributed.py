@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import train
+from utils.dataset import epoch_batches
 from tests.helpers import small_cfg
 from utils import distributed
 from models.captioner import CaptionModel
@@ -102,7 +102,7 @@ def test_two_processes_with_half_a_batch_equal_one_process(tmp_path):
 
 
 def test_each_rank_takes_a_contiguous_slice_of_the_global_batches(monkeypatch):
-    global_batches = train.epoch_batches(24, 8, seed=3, epoch=1)
+    global_batches = epoch_batches(24, 8, seed=3, epoch=1)
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     slices = []
     for rank in range(4):

@@ -120,3 +120,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, few_images, capsys):
     (few_images / "CLEVR_default_999999.png").write_bytes(b"not a png")
     with pytest.raises(ExtractError, match="CLEVR_default_999999.png"):
         extract_features.load_image(str(few_images / "CLEVR_default_999999.png"), 32, 32)
+
+
+def test_color_weight_scales_the_colour_channels_only():
+    images = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(color_channels(images, (2, 2), 3.0), 3 * color_channels(images, (2, 2)))

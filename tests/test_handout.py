@@ -1,7 +1,9 @@
-"""The handout tool: blocks blanked, nothing else changed, no solution left, the rest still works."""
+"""The handout tool: a complete student repository with the snippets blanked, no solution left in it,
+its tests passing on the untouched files and reporting the snippets still to write."""
 import difflib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -9,16 +11,25 @@ import tarfile
 import pytest
 
 from grading import GradingError
-from grading.snippets import ASSIGNMENT_FILES, HANDOUT_EXCLUDE, REPO, find_blocks, is_excluded, project_files
+from grading.snippets import HANDOUT_EXCLUDE, REPO, find_blocks, handout_readme, is_excluded, project_files
+from utils.assignment import ASSIGNMENT_FILES, SNIPPETS
 
 SCRIPT = os.path.join(REPO, "scripts", "make_handout.py")
 EXPECTED = [("models/SCORER.py", "Attention"), ("models/CBR.py", "CBR.CrossEn"),
             ("models/transformer_decoder.py", "PositionEncoding"), ("models/transformer_decoder.py", "SelfAttention"),
             ("models/transformer_decoder.py", "CrossAttention"), ("utils/utils.py", "utils.CrossEn")]
+CASES = "tests/snippet_cases.pt"
 
 
 def run_tool(*args, cwd=REPO):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def in_handout(folder, *command, timeout=600):
+    """A command run inside the handout, importing the handout's own packages."""
+    env = {**os.environ, "PYTHONPATH": str(folder), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *command], cwd=folder, capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +45,16 @@ def read(path):
         return f.read()
 
 
+def solution_lines():
+    """The solution lines of the six blocks (comments removed), those long enough to be telling."""
+    lines = []
+    for rel in ASSIGNMENT_FILES:
+        before = read(os.path.join(REPO, rel)).splitlines()
+        for block in find_blocks(read(os.path.join(REPO, rel)), rel):
+            lines += [line.split("#")[0].strip() for line in before[block.code_start:block.end]]
+    return [line for line in lines if len(line) >= 20]
+
+
 def test_positions_name_each_block_where_the_handout_has_it(handout):
     done = run_tool("--positions")
     assert done.returncode == 0, done.stderr
@@ -47,9 +68,8 @@ def test_positions_name_each_block_where_the_handout_has_it(handout):
         assert stub.strip() == f'raise NotImplementedError("{name}")'
 
 
-def test_only_the_solution_lines_change(handout):
+def test_only_the_solution_lines_change_and_no_solution_is_left_anywhere(handout):
     names = iter(name for _, name in EXPECTED)
-    leaked_candidates = []
     for rel in ASSIGNMENT_FILES:
         before = read(os.path.join(REPO, rel)).splitlines(keepends=True)
         after = read(handout / "assignment" / rel).splitlines(keepends=True)
@@ -59,81 +79,103 @@ def test_only_the_solution_lines_change(handout):
             assert tag == "replace" and j2 - j1 == 1, (rel, before[i1:i2], after[j1:j2])
             indent = re.match(r"\s*", before[i1]).group(0)
             assert after[j1] == f'{indent}raise NotImplementedError("{next(names)}")\n'
-            # The hints above stay, the end marker follows, and no comment-only line is dropped
-            # except those inside the solution code.
+            # The hints above stay, the end marker follows.
             assert before[i1 - 1].strip().startswith("#") and "== End ==" in before[i2]
             assert not before[i1].strip().startswith("#")
-            leaked_candidates += [line.split("#")[0].strip() for line in before[i1:i2]]
     assert next(names, None) is None  # all six blocks, each replaced exactly once
 
-    # No solution line survives anywhere in the handout (e.g. in a test or a script).
-    leaked_candidates = [line for line in leaked_candidates if len(line) >= 20]
-    for rel in project_files(str(handout / "assignment")):
+    leaked = solution_lines()
+    assert len(leaked) > 15
+    for rel in project_files(str(handout / "assignment")) + [CASES]:
         content = (handout / "assignment" / rel).read_bytes()
-        for line in leaked_candidates:
+        for line in leaked:
             assert line.encode() not in content, f"{rel} holds the solution line {line!r}"
 
 
-def test_every_other_file_is_byte_identical_and_the_tools_stay_out(handout):
-    expected = [rel for rel in project_files(REPO) if not is_excluded(rel)]
+def test_the_tools_tests_and_docs_of_instructors_stay_out(handout):
+    expected = [rel for rel in project_files(REPO) if not is_excluded(rel)] + [CASES]
     found = sorted(os.path.relpath(os.path.join(folder, name), handout / "assignment").replace(os.sep, "/")
                    for folder, _, names in os.walk(handout / "assignment") for name in names)
     assert found == sorted(expected)
     for rel in expected:
-        if rel not in ASSIGNMENT_FILES:
+        if rel not in ASSIGNMENT_FILES and rel not in ("README.md", CASES):
             with open(os.path.join(REPO, rel), "rb") as a, open(handout / "assignment" / rel, "rb") as b:
                 assert a.read() == b.read(), rel
-    for path in ("grading/grader.py", "scripts/grade.py", "scripts/make_handout.py", "tests/test_grader.py"):
+    for path in ("grading/grader.py", "scripts/grade.py", "scripts/make_handout.py", "tests/test_grader.py",
+                 "tests/test_snippet_formulas.py", "docs/instructors.md"):
         assert is_excluded(path)
-    assert not is_excluded("scripts/extract_features.py") and not is_excluded("tests/test_models.py")
-    assert all(entry.endswith("/") or entry.endswith(".py") for entry in HANDOUT_EXCLUDE)
+    assert not is_excluded("scripts/extract_features.py") and not is_excluded("tests/test_snippets.py")
+    assert all(entry.endswith("/") or "." in entry for entry in HANDOUT_EXCLUDE)
+
+
+def test_handout_readme_is_for_students_and_links_only_what_the_handout_holds(handout):
+    folder = handout / "assignment"
+    text = read(folder / "README.md")
+    assert "not in the handout" not in text
+    for tool in ("make_handout", "grade.py", "grading/", "docs/instructors.md", "docs/development.md"):
+        assert tool not in text, tool
+    for target in re.findall(r"\]\(([^)#\s]+)", text):
+        if "://" not in target:
+            assert (folder / target).exists(), f"README.md links {target}, which the handout lacks"
+    assert "make snippets" in text and "make test" in text and "make demo" in text
 
 
 def test_tar_holds_the_handout(handout):
     with tarfile.open(handout / "assignment.tar.gz") as tar:
         members = sorted(m.name for m in tar.getmembers() if m.isfile())
         blanked = tar.extractfile("assignment/models/CBR.py").read().decode()
-    assert members == sorted("assignment/" + rel for rel in project_files(str(handout / "assignment")))
+    assert members == sorted("assignment/" + rel for rel in project_files(str(handout / "assignment")) + [CASES])
     assert 'raise NotImplementedError("CBR.CrossEn")' in blanked
 
 
-def test_handout_imports_and_its_tests_without_snippets_pass(handout):
-    folder = handout / "assignment"
-    imported = subprocess.run([sys.executable, "-c", "import models.SCORER, models.CBR, "
-                               "models.transformer_decoder, utils.utils, models.captioner"],
-                              cwd=folder, capture_output=True, text=True, timeout=120)
-    assert imported.returncode == 0, imported.stderr
-    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                             "not slow and not snippets", "tests/test_models.py"],
-                            cwd=folder, capture_output=True, text=True, timeout=300)
-    failing = re.findall(r"^FAILED (\S+)", tested.stdout, re.MULTILINE)
-    assert tested.returncode == 0, ("these tests need the snippets; mark them @pytest.mark.snippets: "
-                                    f"{failing}\n{tested.stdout[-2000:]}")
+def test_snippet_check_reports_missing_then_wrong_then_right(handout, tmp_path):
+    folder = tmp_path / "student"
+    shutil.copytree(handout / "assignment", folder)
+    done = in_handout(folder, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_snippets.py")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.stdout.count("not implemented yet") >= 6
+    assert "6 of 6 snippets are not implemented yet" in done.stdout
+
+    # The student writes every snippet: the solution, with one mistake in the InfoNCE of models/CBR.py.
+    for rel in ASSIGNMENT_FILES:
+        shutil.copyfile(os.path.join(REPO, rel), folder / rel)
+    cbr = (folder / "models/CBR.py").read_text()
+    (folder / "models/CBR.py").write_text(cbr.replace("F.log_softmax(sim_matrix, dim=-1)", "F.log_softmax(sim_matrix, dim=0)"))
+    done = in_handout(folder, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_snippets.py")
+    assert done.returncode == 1, done.stdout[-3000:]
+    table = done.stdout.split("snippets ===", 1)[1]
+    assert re.search(r"CBR.CrossEn\s+WRONG: .*the output differs", table), table
+    assert all(re.search(rf"{re.escape(name)}\s+matches the solution", table) for name in SNIPPETS[1:]), table
+
+
+def test_demo_in_the_untouched_handout_stops_with_the_list(handout):
+    done = in_handout(handout / "assignment", "scripts/demo.py", "--no_visdom", timeout=120)
+    assert done.returncode != 0
+    message = done.stderr
+    assert "6 of the assignment's snippets are not implemented yet" in message and "make snippets" in message
+    assert not (handout / "assignment" / "data" / "demo").exists()  # stopped before any work
 
 
 @pytest.mark.slow
-def test_whole_handout_suite_without_snippets_passes(handout):
-    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                             "not slow and not snippets"], cwd=handout / "assignment",
-                            capture_output=True, text=True, timeout=1200)
-    assert tested.returncode in (0, 5), tested.stdout[-3000:]  # 5: nothing collected
+def test_handout_make_test_passes_and_counts_the_snippets_to_write(handout):
+    done = in_handout(handout / "assignment", "-m", "pytest", "-p", "no:cacheprovider", timeout=1500)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "6 of 6 snippets are not implemented yet" in done.stdout
+    assert not re.search(r"\d+ failed", done.stdout), done.stdout[-2000:]
 
 
 def test_readme_positions_match_the_handout():
     readme = os.path.join(REPO, "README.md")
-    if not os.path.exists(readme):
-        pytest.skip("README.md does not exist yet")
     section, inside, level = [], False, 0
     for line in read(readme).splitlines():
         heading = re.match(r"(#+)\s", line)
-        if heading and "code to implement" in line.lower():
+        if heading and "snippets" in line.lower() and "write" in line.lower():
             inside, level = True, len(heading.group(1))
         elif heading and inside and len(heading.group(1)) <= level:
             break
         elif inside:
             section.append(line)
-    if not inside:
-        pytest.skip("README.md has no 'Code To Implement' section yet")
+    assert inside, "README.md needs a section on the snippets to write (a heading with 'write' and 'snippets')"
     quoted = sorted((path.replace("\\_", "_"), int(line)) for path, line in
                     re.findall(r"([\w/\\.]+\.py),\s*line\s+(\d+)", "\n".join(section), re.IGNORECASE))
     actual = sorted((rel, int(line)) for rel, line in (
@@ -149,3 +191,6 @@ def test_existing_output_and_broken_markers_are_refused(tmp_path):
         find_blocks("class A:\n    def f(self):\n        # == To Implement == f\n        pass\n", "x.py")
     with pytest.raises(GradingError, match="x.py, line 1: the block is not inside a class"):
         find_blocks("# == To Implement ==\nx = 1\n# == End ==\n", "x.py")
+    with pytest.raises(GradingError, match="has no '<!-- end not in the handout -->'"):
+        handout_readme("a\n<!-- not in the handout -->\nb\n")
+    assert handout_readme("a\n<!-- not in the handout -->\nb\n<!-- end not in the handout -->\nc\n") == "a\nc\n"

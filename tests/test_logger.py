@@ -1,13 +1,22 @@
-"""The training dashboard against a real visdom server, and without one."""
+"""The training dashboard against a real visdom server, without one, and with something else on its port;
+the visdom servers the project starts listen on 127.0.0.1 only."""
+import io
 import json
+import socket
+import subprocess
+import sys
+import threading
 import time
 import warnings
 
 import pytest
 import visdom
 
-from utils.visdom_server import free_port
+import train
+from tests.helpers import FAST, tiny_cfg
+from utils.checkpoint import snapshot_path
 from utils.logger import Dashboard, visdom_env_name
+from utils.visdom_server import free_port
 
 
 def _window(server, env, win):
@@ -106,3 +115,88 @@ def test_env_names_are_safe_for_visdom():
     assert visdom_env_name("run_1.b-2") == "run_1.b-2"
     assert visdom_env_name("a/b c") == "a-b-c"
     assert Dashboard(False, "http://127.0.0.1", 1, "SCORER+CBR").env == "SCORER-CBR"
+
+
+class _BusyPort:
+    """A TCP port held by something that is not visdom: it accepts connections and hangs up."""
+
+    def __enter__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        return self
+
+    def _serve(self):
+        while not self.stop:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            connection.close()
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.mark.snippets
+def test_busy_visdom_port_warns_and_training_goes_on(tiny_data, tmp_path):
+    with _BusyPort() as busy:
+        cfg = tiny_cfg(tiny_data, exp_dir=str(tmp_path), exp_name="busy",
+                       **{**FAST, "logger.visdom": True, "logger.port": busy.port, "train.max_iter": 1,
+                          "train.snapshot_interval": 1})
+        with pytest.warns(RuntimeWarning, match="visdom dashboard disabled: .*Training continues without it"):
+            assert train.do_train(cfg) == snapshot_path(cfg, 1)
+
+
+# ------------------------------------------------------------------ 6. visdom listens on localhost
+def visdom_server_options(cmd, monkeypatch):
+    """The keyword arguments visdom 0.2.4's own command line makes of ``cmd`` (python -m visdom.server ...)."""
+    import logging
+
+    from visdom.server import run_server
+
+    assert cmd[1:3] == ["-m", "visdom.server"], cmd
+    started = {}
+    monkeypatch.setattr(run_server, "start_server", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(sys, "argv", ["visdom.server", *cmd[3:]])
+    level = logging.getLogger().level
+    try:
+        run_server.main()
+    except SystemExit as exit_:  # argparse rejected the command
+        pytest.fail(f"visdom.server rejects {cmd[3:]} (exit {exit_.code})")
+    finally:
+        logging.getLogger().setLevel(level)
+    return started
+
+
+@pytest.mark.parametrize("starter", ["scripts/demo.py", "utils/visdom_server.py"])
+def test_visdom_servers_started_by_the_project_listen_on_localhost_only(starter, tmp_path, monkeypatch):
+    from scripts import demo
+    from utils import visdom_server
+
+    commands = []
+
+    class Recorder:
+        def __init__(self, cmd, **kwargs):
+            commands.append(list(cmd))
+
+    monkeypatch.setattr(subprocess, "Popen", Recorder)
+    if starter == "scripts/demo.py":
+        monkeypatch.setattr(demo, "open", lambda *args, **kwargs: io.StringIO(), raising=False)  # its log
+        monkeypatch.setattr(demo, "run", lambda command, stage: None)
+        monkeypatch.setattr(demo, "port_open", lambda port: False)  # nothing on the port before the start
+        monkeypatch.setattr(demo, "wait_for_index", lambda port, server: 200)
+        demo.start_visdom(8097)
+    else:
+        visdom_server.start_server(8097, str(tmp_path), None)
+    [cmd] = commands
+    # --hostname only changes the address visdom prints; -bind_local makes it listen on 127.0.0.1
+    # (without it tornado listens on every interface).
+    assert visdom_server_options(cmd, monkeypatch)["bind_local"] is True, f"{starter}: {cmd}"

@@ -83,7 +83,7 @@ def test_cli_errors_name_the_bad_file(tiny_experiment, tmp_path, capsys):  # noq
     bad = os.path.join(root, "test_output", "captions", "eval_results.json")
     with open(bad, "w") as handle:
         handle.write("{\"folders\": {\"test\": {}}}")
-    assert make_report.main(["--cfg", str(cfg_file), "--exp_dir", root, "--no_figures"]) == 2
-    assert bad in capsys.readouterr().err
-    assert make_report.main(["--cfg", str(cfg_file), "--exp_dir", str(tmp_path / "nowhere")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    for args, message in (([root, "--no_figures"], bad), ([str(tmp_path / "nowhere")], "does not exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            make_report.main(["--cfg", str(cfg_file), "--exp_dir", *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -63,7 +63,7 @@ def test_resume_gives_identical_weights_and_losses(tiny_data, tmp_path):
     resumed = tiny_cfg(tiny_data, exp_name="resumed", **{**common, "train.max_iter": 4})
     train.do_train(resumed)
     resumed = tiny_cfg(tiny_data, exp_name="resumed", **common)
-    train.do_train(resumed, resume=True)
+    train.do_train(resumed, resume=True, accept_changes=True)  # max_iter 4 -> 8
 
     a, b = weights(snapshot_path(straight, 8)), weights(snapshot_path(resumed, 8))
     assert a.keys() == b.keys()

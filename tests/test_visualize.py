@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from scripts import visualize
-from utils.dataset import CHANGE_TYPES, RCCDataset
+from utils.dataset import RCCDataset
+from utils.text import CHANGE_TYPES
 from models.captioner import load_trained_model
 
 
@@ -90,8 +91,12 @@ def test_cli_draws_and_reports_a_missing_snapshot(tiny_experiment, tmp_path, cap
     assert visualize.main(["--cfg", str(cfg_file), "--snapshot", str(exp["iteration"]), "--ids", str(scene),
                            "--output_dir", str(out), "gpu_id", "-1"]) == 0
     assert (out / f"triplet_test_{scene:06d}.png").is_file()
-    assert visualize.main(["--cfg", str(cfg_file), "--snapshot", "99", "--per_type", "1"]) == 2
-    assert f"available: {exp['iteration']}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main(["--cfg", str(cfg_file), "--snapshot", "99", "--per_type", "1"])
+    assert exit_info.value.code == 2
+    assert f"no snapshot of iteration 99; its snapshots: {exp['iteration']}" in capsys.readouterr().err
+    assert visualize.main(["--cfg", str(cfg_file), "--snapshot", "best", "--ids", str(scene),
+                           "--output_dir", str(out)]) == 0
 
 
 def test_ids_are_followed_by_config_overrides():

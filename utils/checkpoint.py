@@ -1,19 +1,28 @@
 """Snapshots: one self-contained dict, written atomically, loaded with weights_only=True."""
+import errno
 import glob
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
 import yaml
+
+from utils.errors import UserError
 
 SNAPSHOT_KEYS = ("change_detector_state", "speaker_state", "cbr_state", "optimizer_state",
                  "scheduler_state", "iteration", "rng_state", "config", "vocab")
 INFERENCE_KEYS = ("change_detector_state", "speaker_state", "config", "vocab")  # what test.py needs
 
 
-class SnapshotError(RuntimeError):
+# Keys that may change between a snapshot and a resumed run without changing what is trained.
+RESUME_MAY_CHANGE = ("exp_dir", "gpu_id", "logger.", "data.num_workers", "data.in_memory", "data.val.batch_size",
+                     "data.test.", "train.log_interval", "train.compile")
+
+
+class SnapshotError(UserError):
     """A snapshot that is missing, unreadable or does not fit the model."""
 
 
@@ -60,9 +69,20 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _disk_full(err):
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch's zip writer reports a full disk as a RuntimeError ("... file write failed").
+    return isinstance(err, RuntimeError) and "write failed" in str(err)
+
+
 def save_snapshot(path, snapshot):
-    """Writes to a temporary file, syncs it, then renames: a crash never leaves a half-written snapshot."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Writes to a temporary file, syncs it, then renames: a crash never leaves a half-written snapshot.
+
+    A full disk is a SnapshotError naming the folder and the space needed; earlier snapshots stay.
+    """
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
     tmp_path = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp_path, "wb") as handle:
@@ -70,6 +90,14 @@ def save_snapshot(path, snapshot):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as err:
+        if not _disk_full(err):
+            raise
+        size = os.path.getsize(tmp_path) if os.path.exists(tmp_path) else 0
+        raise SnapshotError(f"no space left in {folder} while writing {os.path.basename(path)} (it needs about "
+                            f"{max(size, snapshot_bytes(snapshot)) / 2**20:.0f} MiB, "
+                            f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB are free); the earlier snapshots "
+                            f"are intact: free some space and continue with --resume") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -78,6 +106,36 @@ def save_snapshot(path, snapshot):
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def snapshot_bytes(snapshot):
+    """About the size of a snapshot on disk: the bytes of its tensors."""
+    total = 0
+    stack = [snapshot]
+    while stack:
+        item = stack.pop()
+        if torch.is_tensor(item):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def config_differences(stored, cfg, prefix=""):
+    """["key: stored -> now", ...] between a snapshot's config (plain dict) and cfg, except RESUME_MAY_CHANGE."""
+    found = []
+    for key, value in cfg.items():
+        name = prefix + key
+        if name.startswith(RESUME_MAY_CHANGE) or name in RESUME_MAY_CHANGE:
+            continue
+        old = stored.get(key, "<absent>") if isinstance(stored, dict) else "<absent>"
+        if isinstance(value, dict):
+            found += config_differences(old if isinstance(old, dict) else {}, value, name + ".")
+        elif (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, (list, tuple)) else value):
+            found.append(f"{name}: {old!r} -> {value!r}")
+    return found
 
 
 def _load_failure(err):

@@ -1,11 +1,13 @@
-"""The CLEVR-Change loader used by train.py and test.py.
+"""The CLEVR-Change loader used by train.py, test.py and the other tools.
 
 One item is one scene id: its "before" (d), distractor (n) and semantic-change (q) features,
 change captions (pos_*) and no-change captions (neg_*). Ids map to files by the number in the
 file name, so gaps in the ids are fine. All randomness of item i is drawn from a generator
-seeded with (cfg.seed, epoch, i), which makes a resumed run see exactly the same data.
+seeded with (cfg.seed, epoch, i), and the training batches of an epoch are a function of
+(cfg.seed, epoch): a resumed run sees exactly the same data.
+
+    python -m utils.dataset --cfg FILE [--split S] [KEY VALUE ...]   # iterate a split's loader once
 """
-import json
 import os
 import re
 
@@ -14,7 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-CHANGE_TYPES = ("color", "material", "add", "drop", "move")
+from utils import distributed
+from utils.errors import UserError
+from utils.fileio import read_json
+from utils.text import CHANGE_TYPES, SPECIAL_TOKENS
+
 SPLITS = ("train", "val", "test")
 H5_KEYS = ("labels", "label_start_idx", "label_end_idx", "label_length",
            "neg_labels", "neg_label_start_idx", "neg_label_end_idx", "neg_label_length")
@@ -23,7 +29,7 @@ _FEATURE_ID = re.compile(r"(\d+)\.[A-Za-z]+\.npy$")
 _TYPE_ID = re.compile(r"(\d+)")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Missing or inconsistent data; the message names the path or key and how to fix it."""
 
     def __init__(self, message):
@@ -48,18 +54,56 @@ def _preprocess_cmd(cfg):
             f"--output_vocab_json {cfg.data.vocab_json} --output_h5 {cfg.data.h5_label_file}")
 
 
-_GET_DATA = ("unpack the data (tar -xzf clevr_change.tar.gz) or generate a synthetic set with "
+_GET_DATA = ("unpack the data (see the README, 'Data') or generate a synthetic set with "
              "python scripts/generate_synthetic_clevr.py --output_dir DIR")
 
 
 def _load_json(path, key, fix):
-    if not os.path.isfile(path):
-        raise DataError(f"{key} = {path} does not exist; {fix}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{key} = {path} is not valid JSON ({err}); {fix}") from None
+    return read_json(path, f"{key} =", fix, DataError)
+
+
+def check_splits(splits, path):
+    """The split lists hold integer ids, none twice, none in two splits."""
+    if not isinstance(splits, dict):
+        raise DataError(f"data.splits_json = {path} must hold {{\"train\": [ids], \"val\": [...], \"test\": [...]}}")
+    earlier = {}
+    for split, ids in splits.items():
+        if not isinstance(ids, list) or not all(isinstance(i, int) or (isinstance(i, str) and i.isdigit()) for i in ids):
+            raise DataError(f"data.splits_json = {path}: '{split}' must be a list of integer scene ids")
+        seen, twice = set(), []
+        for i in map(int, ids):
+            if i in seen:
+                twice.append(i)
+            seen.add(i)
+        if twice:
+            raise DataError(f"data.splits_json = {path}: split '{split}' lists {len(twice)} id(s) twice "
+                            f"(e.g. {twice[:5]}); each scene id may appear once")
+        for other, other_ids in earlier.items():
+            shared = sorted(seen & other_ids)
+            if shared:
+                raise DataError(f"data.splits_json = {path}: {len(shared)} id(s) are in both '{other}' and "
+                                f"'{split}' (e.g. {shared[:5]}); a scene belongs to one split")
+        earlier[split] = seen
+
+
+def check_vocab(vocab, path):
+    """A word -> index bijection onto 0..V-1 with the special tokens at 0-3."""
+    if not isinstance(vocab, dict) or not all(isinstance(w, str) and isinstance(i, int) for w, i in vocab.items()):
+        raise DataError(f"data.vocab_json = {path} must map words to integer indices")
+    for token, index in SPECIAL_TOKENS.items():
+        if vocab.get(token) != index:
+            raise DataError(f"data.vocab_json = {path}: {token} must have index {index} (found "
+                            f"{vocab.get(token)}); rebuild it with scripts/preprocess_captions_transformer.py")
+    by_index = {}
+    for word, index in vocab.items():
+        if index in by_index:
+            raise DataError(f"data.vocab_json = {path}: index {index} belongs to both {by_index[index]!r} and "
+                            f"{word!r}; every word needs its own index (rebuild the vocabulary)")
+        by_index[index] = word
+    if sorted(by_index) != list(range(len(vocab))):
+        gap = next(i for i in range(len(vocab) + 1) if i not in by_index)
+        raise DataError(f"data.vocab_json = {path}: the indices must run from 0 to {len(vocab) - 1} without gaps "
+                        f"(no word has index {gap}); rebuild the vocabulary")
 
 
 def _index_features(feat_dir, key, img_dir):
@@ -79,7 +123,7 @@ def _index_features(feat_dir, key, img_dir):
 
 
 def _read_feature(path, shape=None):
-    """float32 array of ``path``; DataError when unreadable or not of ``shape``."""
+    """float32 array of ``path``; DataError when unreadable, not of ``shape`` or not finite."""
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -89,13 +133,38 @@ def _read_feature(path, shape=None):
         want = f"float32 {shape}" if shape is not None else "float32 (C, H, W)"
         raise DataError(f"feature file {path} is {arr.dtype} {arr.shape}, expected {want}; "
                         f"re-extract it with scripts/extract_features.py")
+    if not np.isfinite(arr).all():
+        raise DataError(f"feature file {path} holds NaN or Inf values; delete it and re-run "
+                        f"scripts/extract_features.py (it resumes)")
     return arr
+
+
+def stratified_subset(ids, types, size, seed):
+    """``size`` of ``ids`` with each change type in its share of the whole list, in the list's order.
+
+    The real splits list their ids grouped by change type, so the first N ids are not a sample.
+    Each type gets floor(size * share), the largest remainders one more; which ids of a type is
+    drawn with ``seed`` (and the type), the same whatever order the list is in.
+    """
+    if size >= len(ids):
+        return list(ids)
+    by_type = {t: [i for i, ti in zip(ids, types) if ti == t] for t in sorted(set(types))}
+    exact = {t: size * len(members) / len(ids) for t, members in by_type.items()}
+    quota = {t: int(e) for t, e in exact.items()}
+    for t in sorted(exact, key=lambda t: (quota[t] - exact[t], t))[:size - sum(quota.values())]:
+        quota[t] += 1
+    chosen = set()
+    for t, members in by_type.items():
+        members = sorted(members)
+        order = np.random.default_rng([seed, t]).permutation(len(members))
+        chosen.update(members[k] for k in order[:quota[t]])
+    return [i for i in ids if i in chosen]
 
 
 class RCCDataset(Dataset):
     """Scene ids of one split, with features and encoded captions (see the module doc)."""
 
-    def __init__(self, cfg, split):
+    def __init__(self, cfg, split, verbose=True):
         if split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         self.cfg = cfg
@@ -106,20 +175,27 @@ class RCCDataset(Dataset):
         self.seq_per_img = data.train.seq_per_img if split == "train" else 1
         self.swap_prob = data.swap_prob if split == "train" else 0.0
 
-        self.vocab = _load_json(data.vocab_json, "data.vocab_json",
-                                f"make it with: {_preprocess_cmd(cfg)}")
+        self.vocab = _load_json(data.vocab_json, "data.vocab_json", f"make it with: {_preprocess_cmd(cfg)}")
+        check_vocab(self.vocab, data.vocab_json)
         self.idx_to_word = {int(i): w for w, i in self.vocab.items()}
         splits = _load_json(data.splits_json, "data.splits_json", _GET_DATA)
+        check_splits(splits, data.splits_json)
         if split not in splits:
             raise DataError(f"data.splits_json = {data.splits_json} has no '{split}' list")
-        ids = [int(i) for i in splits[split]]
+        all_ids = [int(i) for i in splits[split]]
+        type_of = self._load_types(all_ids)
         max_samples = getattr(data, split).max_samples
-        if max_samples >= 0:
-            ids = ids[:max_samples]
+        ids = all_ids if max_samples < 0 else stratified_subset(
+            all_ids, [type_of[i] for i in all_ids], max_samples, data.subset_seed)
         if not ids:
             raise DataError(f"split '{split}' is empty (data.{split}.max_samples = {max_samples},"
-                            f" {len(splits[split])} ids in {data.splits_json}); use a positive "
+                            f" {len(all_ids)} ids in {data.splits_json}); use a positive "
                             f"max_samples or -1 for all")
+        self.change_types = [type_of[i] for i in ids]
+        if verbose:
+            counts = ", ".join(f"{t} {self.change_types.count(k):,}" for k, t in enumerate(CHANGE_TYPES))
+            subset = f"{len(ids):,} of {len(all_ids):,}" if len(ids) < len(all_ids) else f"all {len(ids):,}"
+            print(f"data: {split} split, {subset} scene ids ({counts})")
 
         # Features: one listing per folder; the three folders must hold the same ids.
         folders = (("data.default_feature_dir", data.default_feature_dir, data.default_img_dir),
@@ -157,7 +233,6 @@ class RCCDataset(Dataset):
         self.feature_shape = shapes[0]
 
         self._load_labels()
-        self._load_types()
         self._cache = None
         if data.in_memory:
             self._cache = [np.stack([_read_feature(f, self.feature_shape) for f in files])
@@ -179,11 +254,17 @@ class RCCDataset(Dataset):
             raise DataError(f"data.h5_label_file = {path} cannot be read ({err}); rebuild it "
                             f"with: {_preprocess_cmd(self.cfg)}") from None
         for prefix in ("", "neg_"):
-            width = h5[prefix + "labels"].shape[1]
+            labels = h5[prefix + "labels"]
+            width = labels.shape[1]
             if width > self.seq_length:
                 raise DataError(f"{path}: {prefix}labels hold captions of {width} tokens, longer "
                                 f"than model.speaker.seq_length = {self.seq_length}; raise "
                                 f"model.speaker.seq_length to at least {width}")
+            if labels.size and (labels.min() < 0 or labels.max() >= len(self.vocab)):
+                bad = labels.max() if labels.max() >= len(self.vocab) else labels.min()
+                raise DataError(f"{path}: {prefix}labels hold word id {bad}, outside the {len(self.vocab)} "
+                                f"words of data.vocab_json = {self.cfg.data.vocab_json}; the two files come "
+                                f"from different runs: rebuild both with: {_preprocess_cmd(self.cfg)}")
             starts = h5[prefix + "label_start_idx"]
             without = [i for i in self.ids if i >= len(starts) or starts[i] < 0]
             if without:
@@ -192,9 +273,12 @@ class RCCDataset(Dataset):
                                 f"{without[:5]}); rebuild it with: {_preprocess_cmd(self.cfg)}")
         self.labels = h5
 
-    def _load_types(self):
+    def _load_types(self, ids):
+        """{scene id: change type index} for ids, from data.type_mapping_json."""
         path = self.cfg.data.type_mapping_json
         mapping = _load_json(path, "data.type_mapping_json", _GET_DATA)
+        if not isinstance(mapping, dict):
+            raise DataError(f"data.type_mapping_json = {path} must map change types to lists of image names")
         type_of = {}
         for t, names in mapping.items():
             if t not in CHANGE_TYPES:
@@ -202,11 +286,11 @@ class RCCDataset(Dataset):
                                 f"(expected {CHANGE_TYPES})")
             for name in names:
                 type_of[int(_TYPE_ID.search(name).group(1))] = CHANGE_TYPES.index(t)
-        missing = [i for i in self.ids if i not in type_of]
+        missing = [i for i in ids if i not in type_of]
         if missing:
             raise DataError(f"data.type_mapping_json = {path} has no change type for {len(missing)}"
                             f" ids of split '{self.split}' (e.g. {missing[:5]})")
-        self.change_types = [type_of[i] for i in self.ids]
+        return type_of
 
     def set_epoch(self, epoch):
         """Items drawn after this call depend on (cfg.seed, epoch, index) only."""
@@ -252,52 +336,88 @@ class RCCDataset(Dataset):
                 "d_img_path": d_path, "n_img_path": n_path, "q_img_path": q_path}
 
 
-def build_dataloader(cfg, split, shuffle, epoch_seed=None, dataset=None):
-    """DataLoader over RCCDataset(cfg, split).
+def worker_count(cfg):
+    """data.num_workers, with -1 meaning min(4, the CPU cores this process may use)."""
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
 
-    ``epoch_seed`` (e.g. the epoch number) fixes both the shuffling order and the per-item
-    randomness, so that a resumed run can rebuild the exact loader of an epoch; pass an existing
-    ``dataset`` to avoid indexing the folders again.
+
+def _loader(dataset, cfg, device, **batching):
+    # A private generator keeps the loader from drawing on the global RNG (exact resume).
+    return DataLoader(dataset, **batching, num_workers=worker_count(cfg), pin_memory=device.type == "cuda",
+                      generator=torch.Generator())
+
+
+def eval_loader(dataset, cfg, device):
+    """The split in order, data.<split>.batch_size scenes at a time (validation, test)."""
+    return _loader(dataset, cfg, device, batch_size=getattr(cfg.data, dataset.split).batch_size)
+
+
+def epoch_batches(num_items, batch_size, seed, epoch):
+    """The shuffled batches of one epoch, a function of (seed, epoch) alone; the last partial batch is dropped."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, num_items - batch_size + 1, batch_size)]
+
+
+def batches_per_epoch(dataset, cfg):
+    return len(dataset) // cfg.data.train.batch_size
+
+
+def train_batches(dataset, cfg, device, position=0):
+    """Endless stream of training batches, starting after the first ``position`` batches (exact resume).
+
+    With several processes each rank loads its slice of the same global batches.
     """
-    dataset = dataset if dataset is not None else RCCDataset(cfg, split)
-    epoch = 0 if epoch_seed is None else int(epoch_seed)
-    dataset.set_epoch(epoch)
-    generator = torch.Generator()
-    generator.manual_seed(int(cfg.seed) * 1_000_003 + epoch)
-    return DataLoader(dataset, batch_size=getattr(cfg.data, split).batch_size, shuffle=shuffle,
-                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=split == "train", generator=generator)
+    epoch, offset = divmod(position, batches_per_epoch(dataset, cfg))
+    while True:
+        dataset.set_epoch(epoch)
+        batches = [distributed.local_slice(batch) for batch in
+                   epoch_batches(len(dataset), cfg.data.train.batch_size, cfg.seed, epoch)[offset:]]
+        yield from _loader(dataset, cfg, device, batch_sampler=batches)
+        epoch, offset = epoch + 1, 0
 
 
 def main(argv=None):
-    """`python -m utils.dataset --cfg FILE [--split S] [KEY VALUE ...]`: iterate the loader once and report."""
+    """`python -m utils.dataset --cfg FILE [--split S] [KEY VALUE ...]`: iterate a split's loader once and report."""
     import argparse
-    import sys
     import time
 
-    from configs.defaults import ConfigError, load_config
+    from configs.defaults import load_config
+    from utils.cli import parse_with_overrides, report_errors
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--cfg", required=True)
     parser.add_argument("--split", default="train", choices=SPLITS)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-    try:
+    args = parse_with_overrides(parser, argv)
+
+    def run():
         cfg = load_config(args.cfg, args.opts)
         start = time.time()
         dataset = RCCDataset(cfg, args.split)
         print(f"{args.split}: {len(dataset)} scene ids, features {dataset.feature_shape}, "
               f"vocabulary {len(dataset.vocab)}; indexed in {time.time() - start:.2f} s")
+        device = torch.device("cpu")
+        if args.split == "train":
+            per_epoch = batches_per_epoch(dataset, cfg)
+            if per_epoch == 0:
+                raise DataError(f"data.train.batch_size ({cfg.data.train.batch_size}) is larger than the "
+                                f"{len(dataset)} ids of the train split; lower it")
+            stream = train_batches(dataset, cfg, device)
+            loader = (next(stream) for _ in range(per_epoch))  # one epoch, as training sees it
+        else:
+            loader = eval_loader(dataset, cfg, device)
         start, count = time.time(), 0
-        for batch in build_dataloader(cfg, args.split, shuffle=args.split == "train", dataset=dataset):
+        for batch in loader:
             if count == 0:
                 print("first batch: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items()
                                                   if torch.is_tensor(v)))
             count += len(batch["image_id"])
         print(f"iterated {count} scene ids in {time.time() - start:.1f} s")
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    report_errors(run)
 
 
 if __name__ == "__main__":

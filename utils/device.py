@@ -46,6 +46,11 @@ def select_device(gpu_id):
     return torch.device("cuda", gpu_id)
 
 
+def working_gpu_id():
+    """The --gpu value that works here: 0 when torch can use a GPU, else -1 (the CPU)."""
+    return 0 if _cuda_diagnosis()[0] and torch.cuda.device_count() > 0 else -1
+
+
 def describe(device):
     return str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
 

@@ -13,8 +13,10 @@ import os
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(UserError):
     """A multi-process run that cannot start; the message says why and what to do."""
 
 
@@ -118,6 +120,15 @@ def average_over_ranks(values):
         dist.all_reduce(stacked)
         stacked = stacked / world_size()
     return dict(zip(names, stacked.tolist()))
+
+
+def any_rank(flag):
+    """True on every rank when ``flag`` is True on at least one."""
+    if world_size() == 1:
+        return flag
+    found = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(found)
+    return found.item() > 0
 
 
 def barrier():

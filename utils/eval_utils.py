@@ -24,9 +24,12 @@ import warnings
 
 import numpy as np
 
+from utils.errors import UserError
+from utils.fileio import read_json
+from utils.text import CHANGE_TYPES
+
 SCORERS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
-CHANGE_TYPES = ("color", "material", "add", "drop", "move")
 CAPTION_CLASSES = ("no_change",) + CHANGE_TYPES
 
 # Tokens the PTB tokenizer produces that are not words (pycocoevalcap drops the same ones).
@@ -35,7 +38,7 @@ _PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
 _SPICE_WARNED = False
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Input that cannot be evaluated (missing file, wrong format, no Java); the message says why."""
 
 
@@ -59,13 +62,35 @@ def java_executable():
 # --------------------------------------------------------------------------- input files
 
 def _read_json(path, what):
-    if not os.path.isfile(path):
-        raise EvalError(f"{what} {path} does not exist")
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise EvalError(f"{what} {path} is not valid JSON ({err})") from None
+    return read_json(path, what, error=EvalError)
+
+
+_SCENE_ID = re.compile(r"(\d+)\.png$")
+
+
+def build_references(change_captions, no_change_captions, description):
+    """The COCO caption ground truth (total_change_captions_reformat.json, DATA.md) of the two caption
+    files ({"CLEVR_default_000123.png": [captions]}): image "000123.png" holds the change captions,
+    "000123.png_n" the no-change captions; annotations {"caption", "id", "image_id"}."""
+    names = {}
+    for source in (change_captions, no_change_captions):
+        for name in source:
+            match = _SCENE_ID.search(name)
+            if match is None:
+                raise EvalError(f"caption key {name!r} is not an image file name ending in <number>.png")
+            names[int(match.group(1))] = name
+    images, annotations = [], []
+    for scene_id in sorted(names):
+        for suffix, source in (("", change_captions), ("_n", no_change_captions)):
+            captions = source.get(names[scene_id]) or []
+            if not captions:
+                continue
+            image_id = f"{scene_id:06d}.png{suffix}"
+            images.append({"id": image_id})
+            for caption in captions:
+                annotations.append({"caption": caption, "id": len(annotations), "image_id": image_id})
+    return {"info": {"description": description}, "licenses": [], "type": "captions", "images": images,
+            "annotations": annotations}
 
 
 def load_references(anno_json):

@@ -1,0 +1,119 @@
+"""The real CLEVR-Change layout at full size (slow): 39,803 scene ids, real file names, splits grouped by
+change type as in the real splits.json, three feature folders of float32 1024 x 14 x 14 files.
+
+Every feature file is a hard link to one file (0.8 MB on disk instead of 96 GB) and every image a
+hard link to one small PNG. The test builds the labels with the assignment's preprocessing command
+and the reference captions with scripts/make_reference_captions.py, then indexes the loader, loads
+one batch of the quick config, and trains the quick config for three iterations. It prints the time
+of each step (pytest -s shows them).
+"""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import assert_cli_error, run_cli
+from utils.text import CHANGE_TYPES
+
+pytestmark = [pytest.mark.slow, pytest.mark.snippets]
+
+# DATA.md: per change type (color, material, add, drop, move) and split; each type owns 8,000 ids.
+COUNTS = {"train": (6764, 6768, 6771, 6766, 6761), "val": (397, 398, 398, 398, 397), "test": (797,) * 5}
+FOLDERS = (("images", "features", "CLEVR_default_%06d.png"), ("sc_images", "sc_features", "CLEVR_semantic_%06d.png"),
+           ("nsc_images", "nsc_features", "CLEVR_nonsemantic_%06d.png"))
+CAPTIONS = {"color": "the small red metal cube turned blue", "material": "the large gray sphere became shiny",
+            "add": "a tiny cyan cylinder has been newly placed", "drop": "the big purple thing is missing",
+            "move": "the yellow rubber block changed its location"}
+
+
+def build_layout(root):
+    """The real layout under root/data; returns {split: ids} (each list grouped by type, shuffled inside)."""
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    splits, types = {split: [] for split in COUNTS}, {t: [] for t in CHANGE_TYPES}
+    for k, change in enumerate(CHANGE_TYPES):
+        needed = sum(COUNTS[split][k] for split in COUNTS)
+        block = rng.choice(np.arange(k * 8000, (k + 1) * 8000), size=needed, replace=False)  # ids with gaps
+        start = 0
+        for split in COUNTS:
+            part = [int(i) for i in block[start:start + COUNTS[split][k]]]
+            splits[split] += part  # grouped by type in the order color, material, add, drop, move
+            start += COUNTS[split][k]
+        types[change] = sorted(int(i) for i in block)
+    ids = sorted(i for split in splits.values() for i in split)
+    assert len(ids) == 39803
+
+    feature = data / "one_feature.npy"
+    data.mkdir(parents=True)
+    np.save(feature, np.random.default_rng(1).standard_normal((1024, 14, 14)).astype(np.float32))
+    image = data / "one_image.png"
+    Image.new("RGB", (48, 32), (120, 120, 120)).save(image)
+    for images, features, pattern in FOLDERS:
+        (data / images).mkdir()
+        (data / features).mkdir()
+        for i in ids:
+            os.link(image, data / images / (pattern % i))
+            os.link(feature, data / features / ((pattern % i) + ".npy"))
+    change_of = {i: change for change, members in types.items() for i in members}
+    change = {FOLDERS[0][2] % i: [CAPTIONS[change_of[i]], "there is a difference"] for i in ids}
+    no_change = {FOLDERS[0][2] % i: ["nothing has changed"] for i in ids}
+    for name, value in (("change_captions.json", change), ("no_change_captions.json", no_change),
+                        ("splits.json", splits),
+                        ("type_mapping.json", {t: [f"{i:06d}.png" for i in types[t]] for t in CHANGE_TYPES})):
+        (data / name).write_text(json.dumps(value))
+    return splits
+
+
+def test_full_size_layout_index_batch_and_three_iterations(tmp_path, capsys):
+    times = {}
+    start = time.time()
+    splits = build_layout(tmp_path)
+    times["build the layout (3 x 39,803 hard links)"] = time.time() - start
+
+    def timed(what, *command, timeout=1800):
+        begin = time.time()
+        done = run_cli(*command, cwd=tmp_path, timeout=timeout)
+        times[what] = time.time() - begin
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    timed("preprocess captions (assignment command)", os.path.join(root, "scripts/preprocess_captions_transformer.py"),
+          "--input_captions_json", "./data/change_captions.json", "--input_neg_captions_json",
+          "./data/no_change_captions.json", "--input_image_dir", "./data/images", "--split_json", "./data/splits.json",
+          "--output_vocab_json", "./data/transformer_vocab.json", "--output_h5", "./data/transformer_labels.h5")
+    timed("build total_change_captions_reformat.json", os.path.join(root, "scripts/make_reference_captions.py"),
+          "--input_captions_json", "./data/change_captions.json", "--input_neg_captions_json",
+          "./data/no_change_captions.json", "--output_json", "./data/total_change_captions_reformat.json")
+
+    quick = os.path.join(root, "configs/dynamic/transformer_quick.yaml")
+    cpu = ["gpu_id", "-1", "data.num_workers", "2"]
+    # The quick config's train subset keeps every change type in its share of the split.
+    done = timed("index the train split and iterate one epoch of 8,500 ids (python -m utils.dataset)",
+                 "-m", "utils.dataset", "--cfg", quick, *cpu)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("data: train split"))
+    assert line == "data: train split, 8,500 of 33,830 scene ids (color 1,699, material 1,701, add 1,701, " \
+                   "drop 1,700, move 1,699)", line
+    assert "first batch: d_feat (128, 1024, 14, 14)" in done.stdout
+    done = timed("index the val split, first 400 ids (python -m utils.dataset)", "-m", "utils.dataset", "--cfg",
+                 quick, "--split", "val", "data.val.max_samples", "400", *cpu)
+    assert "400 of 1,988 scene ids (color 80, material 80, add 80, drop 80, move 80)" in done.stdout
+
+    timed("train the quick config for 3 iterations (batch 128, paper model, CPU)",
+          os.path.join(root, "train.py"), "--cfg", quick, "train.max_iter", "3", "train.snapshot_interval", "3",
+          "data.val.max_samples", "20", "logger.visdom", "False", *cpu)
+    snapshot = tmp_path / "experiments" / "SCORER+CBR_quick" / "snapshots" / "SCORER+CBR_quick_checkpoint_3.pt"
+    assert snapshot.exists()
+    # The assignment's literal test command, after the quick run on a machine without that GPU or
+    # snapshot, prints the command that works.
+    assert_cli_error(run_cli(os.path.join(root, "test.py"), "--cfg", os.path.join(root, "configs/dynamic/transformer.yaml"),
+                             "--snapshot", "10000", "--gpu", "-1", cwd=tmp_path),
+                     "no snapshots in experiments/SCORER+CBR", "--snapshot best")
+    with capsys.disabled():
+        print("\nfull-size layout, seconds per step:")
+        for what, seconds in times.items():
+            print(f"  {seconds:8.1f}  {what}")
+    assert len(splits["train"]) == 33830

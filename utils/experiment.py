@@ -1,0 +1,277 @@
+"""An experiment folder <exp_dir>/<exp_name>: who owns it, what it holds, which snapshot to use.
+
+A training run owns its folder for its whole life (a lock file), refuses to start over snapshots
+it did not write unless told to resume or to overwrite, removes the temporary files of killed
+writes, and keeps metrics.jsonl and train_log.txt to one record per iteration across resumes.
+"""
+import fcntl
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+from configs.defaults import ConfigError, load_config
+from utils.checkpoint import list_snapshots, snapshot_dir
+from utils.errors import UserError
+from utils.fileio import write_json_atomic, write_text_atomic
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dynamic")
+# What a training run writes into its folder (--overwrite removes them first).
+OUTPUTS = ("snapshots", "eval_sents", "test_output", "figures", "report", "best_snapshot.json", "metrics.jsonl",
+           "train_log.txt", "config.yaml")
+LOG_LINE = re.compile(r"iter (\d+):")
+
+
+class ExperimentError(UserError):
+    """The experiment folder cannot be used as asked; the message says why and what to run instead."""
+
+
+def experiment_root(cfg):
+    return os.path.join(cfg.exp_dir, cfg.exp_name)
+
+
+def check_writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ExperimentError(f"cannot write to the experiment folder {folder} ({err.strerror}); "
+                              f"set exp_dir to a writable folder") from None
+
+
+def check_free_space(folder, needed_bytes):
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ExperimentError(f"only {free / 2**20:.0f} MiB free in {folder}, and a snapshot needs about "
+                              f"{needed_bytes / 2**20:.0f} MiB; free some space or set exp_dir to another disk")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Experiment:
+    """The folder of one training run, owned for the run's life (use it as a context manager).
+
+    resuming: the run continues from a snapshot, which must exist. Otherwise the folder must hold no
+    snapshots, unless overwrite, which removes the earlier run's outputs (OUTPUTS) first.
+    """
+
+    def __init__(self, cfg, resuming, overwrite=False, config_file="<config>"):
+        self.cfg = cfg
+        self.root = experiment_root(cfg)
+        self.resuming, self.overwrite, self.config_file = resuming, overwrite, config_file
+        self.lock_path = os.path.join(self.root, ".lock")
+        self._lock = None
+
+    def __enter__(self):
+        check_writable(self.root)
+        self._acquire_lock()
+        try:
+            self._remove_temporary_files()
+            self._check_earlier_outputs()
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._release_lock()
+
+    def _acquire_lock(self):
+        handle = open(self.lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its id yet"
+            handle.close()
+            raise ExperimentError(f"the experiment folder {self.root} is in use by another training run "
+                                  f"({holder}); wait for it to end, or train under another exp_name") from None
+        handle.seek(0)
+        previous = re.match(r"process (\d+)", handle.read())
+        if previous and int(previous.group(1)) != os.getpid():
+            state = "which no longer runs" if not _pid_alive(int(previous.group(1))) else "which let go of it"
+            print(f"note: {self.lock_path} was left by process {previous.group(1)}, {state}; taking it over")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._lock = handle
+
+    def _release_lock(self):
+        if self._lock is not None:
+            os.remove(self.lock_path)  # before unlocking: a run that starts now finds no stale holder
+            self._lock.close()
+            self._lock = None
+
+    def _remove_temporary_files(self):
+        """Leftovers of writes cut short by a kill (atomic writes go through *.tmp* files)."""
+        patterns = ("snapshots/*.tmp.*", "*.tmp", "eval_sents/*/*.tmp", "*.tmp.*")
+        for path in sorted({p for pattern in patterns for p in glob.glob(os.path.join(self.root, pattern))}):
+            os.remove(path)
+            print(f"removed {path}, left by a write that was cut short")
+
+    def _check_earlier_outputs(self):
+        found = list_snapshots(self.cfg)
+        if self.resuming:
+            if not found:
+                raise ExperimentError(f"--resume: no snapshot in {snapshot_dir(self.cfg)}; start without --resume")
+            return
+        if found and not self.overwrite:
+            raise ExperimentError(
+                f"{self.root} already holds snapshots ({', '.join(map(str, found))}) of an earlier run. "
+                f"Continue it with --resume, train under another exp_name (e.g. exp_name {self.cfg.exp_name}_2), "
+                f"or start over with --overwrite (removes its snapshots, logs and results)")
+        # Outputs without snapshots belong to a run that saved nothing: they go too.
+        for name in OUTPUTS:
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+    # ---------------------------------------------------------------- the run's records
+    def open_logs(self, start_iteration):
+        """RunLog of metrics.jsonl and train_log.txt holding only the records up to start_iteration."""
+        return RunLog(self.root, start_iteration)
+
+
+class RunLog:
+    """metrics.jsonl (one JSON record per line) and train_log.txt (the same as text), appended to.
+
+    Opening it keeps only the records up to start_iteration, so after a resume every iteration
+    appears once.
+    """
+
+    def __init__(self, root, start_iteration):
+        self.metrics_path = os.path.join(root, "metrics.jsonl")
+        self.text_path = os.path.join(root, "train_log.txt")
+        self.records = [r for r in read_metrics(self.metrics_path) if r.get("iteration", 0) <= start_iteration]
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+        kept = []
+        if os.path.exists(self.text_path):
+            with open(self.text_path) as handle:
+                for line in handle:
+                    match = LOG_LINE.match(line)
+                    if not match or int(match.group(1)) <= start_iteration:
+                        kept.append(line)
+        write_text_atomic(self.text_path, "".join(kept))
+        self._metrics = open(self.metrics_path, "a")
+        self._text = open(self.text_path, "a")
+
+    def write(self, record, line):
+        self.records.append(record)
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        self._text.write(line + "\n")
+        self._text.flush()
+
+    def note(self, line):
+        self._text.write(line + "\n")
+        self._text.flush()
+
+    def validated(self):
+        """{iteration: validation record}."""
+        return {r["iteration"]: r for r in self.records if r.get("split") == "val"}
+
+    def close(self):
+        self._metrics.close()
+        self._text.close()
+
+
+def read_metrics(path):
+    """The records of metrics.jsonl; a line cut short by a crash is skipped."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            for line in handle:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return records
+
+
+def write_best(root, best):
+    """best_snapshot.json, or none when nothing has been validated."""
+    path = os.path.join(root, "best_snapshot.json")
+    if best is None:
+        if os.path.exists(path):
+            os.remove(path)
+    else:
+        write_json_atomic(path, best)
+
+
+# ---------------------------------------------------------------- choosing a snapshot
+def _other_experiments(cfg, config_file):
+    """[(config file, root, iterations, best)] of the shipped configs whose experiment has snapshots."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))):
+        if config_file and os.path.abspath(path) == os.path.abspath(config_file):
+            continue
+        try:
+            other = load_config(path, ["exp_dir", cfg.exp_dir])
+        except ConfigError:
+            continue
+        iterations = list_snapshots(other)
+        if iterations and experiment_root(other) != experiment_root(cfg):
+            found.append((os.path.relpath(path), experiment_root(other), iterations, best_iteration(other)))
+    return found
+
+
+def best_iteration(cfg):
+    """The iteration best_snapshot.json names (highest validation CIDEr), or None."""
+    path = os.path.join(experiment_root(cfg), "best_snapshot.json")
+    try:
+        with open(path) as handle:
+            return int(json.load(handle)["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _listing(iterations, best):
+    shown = ", ".join(map(str, iterations))
+    return shown + (f"; best on validation: {best}" if best is not None else "")
+
+
+def resolve_snapshot(cfg, choice, config_file, command_for):
+    """The iteration that --snapshot ``choice`` (an int, "best" or "last") names in cfg's experiment.
+
+    command_for(config file, snapshot) returns the command line that would work; errors print it.
+    """
+    root = experiment_root(cfg)
+    iterations = list_snapshots(cfg)
+    best = best_iteration(cfg)
+    if choice == "best" and best in iterations:
+        return best
+    if choice == "last" and iterations:
+        return iterations[-1]
+    if isinstance(choice, int) and choice in iterations:
+        return choice
+    if iterations:
+        wanted = "best" if best in iterations else "last"
+        why = {"best": f"{root}/best_snapshot.json names no snapshot that exists (no validation finished yet?)",
+               "last": f"{root} holds no snapshot"}.get(choice, f"{root} has no snapshot of iteration {choice}")
+        raise ExperimentError(f"{why}; its snapshots: {_listing(iterations, best)}. Use: "
+                              f"{command_for(config_file, wanted)}")
+    message = f"no snapshots in {root} ({config_file} trains there; train first)"
+    others = _other_experiments(cfg, config_file)
+    if others:
+        hints = [f"{path} has snapshots in {other_root} ({_listing(its, other_best)}): "
+                 f"{command_for(path, 'best' if other_best is not None else 'last')}"
+                 for path, other_root, its, other_best in others]
+        message += ". " + "; ".join(hints)
+    raise ExperimentError(message)
