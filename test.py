@@ -14,10 +14,9 @@ from tqdm import tqdm
 
 from configs.defaults import load_config
 from models.captioner import generate_captions, load_trained_model
-from utils.cli import command_with, parse_with_overrides, report_errors, snapshot_choice
+from utils.cli import device_for, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
 from utils.dataset import RCCDataset, eval_loader
-from utils.device import DeviceError, select_device, working_gpu_id
-from utils.experiment import resolve_snapshot
+from utils.device import select_device
 from utils.fileio import write_json_atomic
 
 
@@ -55,13 +54,8 @@ def main(argv=None):
 
     def run():
         cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        try:
-            select_device(cfg.gpu_id)
-        except DeviceError as err:
-            raise DeviceError(f"{err}. This works here: {command_with('test.py', argv, gpu=working_gpu_id())}") from None
-        iteration = resolve_snapshot(cfg, args.snapshot, args.cfg,
-                                     lambda cfg_file, choice: command_with("test.py", argv, cfg=cfg_file, snapshot=choice))
-        run_test(cfg, iteration, args.beam_size, args.split)
+        device_for(cfg, "test.py", argv)
+        run_test(cfg, snapshot_for(cfg, args.snapshot, args.cfg, "test.py", argv), args.beam_size, args.split)
 
     report_errors(run)
 

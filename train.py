@@ -27,9 +27,9 @@ from utils import distributed
 from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, config_differences, config_to_dict,
                               list_snapshots, load_snapshot, load_weights, restore_rng_state, save_snapshot,
                               snapshot_path)
-from utils.cli import command_with, parse_with_overrides, report_errors
+from utils.cli import device_for, parse_with_overrides, report_errors
 from utils.dataset import RCCDataset, batches_per_epoch, eval_loader, train_batches
-from utils.device import DeviceError, autocast_context, describe, move_batch, select_device, working_gpu_id
+from utils.device import autocast_context, describe, move_batch, select_device
 from utils.errors import UserError
 from utils.eval_utils import java_executable, load_references, score_captions
 from utils.experiment import Experiment, check_free_space, write_best
@@ -388,9 +388,9 @@ def main(argv=None):
     def run():
         try:
             cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torchrun's processes pick theirs
+                device_for(cfg, "train.py", argv)
             do_train(cfg, args.resume, args.resume_from, args.overwrite, args.accept_config_changes)
-        except DeviceError as err:
-            raise DeviceError(f"{err}. This works here: {command_with('train.py', argv, gpu=working_gpu_id())}") from None
         except NotImplementedError as err:
             raise TrainingError(f"the snippet {err} is not implemented yet (the `== To Implement ==` blocks of "
                                 f"models/ and utils/utils.py); `make snippets` shows which pass") from None

@@ -65,8 +65,9 @@ def smoke_here():
 
 def _smoke_in(project):
     """Runs the smoke run in a fresh interpreter in ``project``: there models/ and utils/ are the student's."""
-    done = subprocess.run([sys.executable, "-m", "grading.runner", "--smoke"], cwd=project,
-                          capture_output=True, text=True)
+    # One thread, as every check runs: checks run side by side, one per core.
+    done = subprocess.run([sys.executable, "-m", "grading.runner", "--smoke"], cwd=project, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         return {"passed": False, "message": f"the smoke run ended (exit status {done.returncode}) without a "

@@ -23,7 +23,6 @@ Writes a table (mean +- standard deviation over seeds) and a bar chart with erro
 them stays) and a PNG next to it.
 """
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -34,7 +33,7 @@ import matplotlib
 
 from utils import synthetic_data
 from utils.errors import UserError
-from utils.fileio import write_json_atomic, write_text_atomic
+from utils.fileio import read_json, write_json_atomic, write_text_atomic
 from utils.text import CHANGE_TYPES
 
 matplotlib.use("Agg")
@@ -86,15 +85,13 @@ class Run:
             resume = ["--resume"] if self.snapshots() else []
             _run([sys.executable, os.path.join(ROOT, "train.py"), "--cfg", CONFIG, *resume, *self.overrides],
                  log, f"{self.name}: train")
-        with open(best_file) as handle:
-            best = json.load(handle)["iteration"]
+        best = read_json(best_file, "the best snapshot's file")["iteration"]
         _run([sys.executable, os.path.join(ROOT, "test.py"), "--cfg", CONFIG, "--snapshot", str(best),
               *self.overrides], log, f"{self.name}: test")
         _run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--results_dir",
               os.path.dirname(self.result_file), "--anno", os.path.join(self.data, "total_change_captions_reformat.json"),
               "--type_file", os.path.join(self.data, "type_mapping.json")], log, f"{self.name}: evaluate")
-        with open(self.result_file) as handle:
-            test = json.load(handle)["folders"]["test"]
+        test = read_json(self.result_file, "the test scores")["folders"]["test"]
         summary = {"variant": self.variant, "seed": self.seed, "best_iteration": best,
                    "seconds": round(time.time() - started, 1), **metrics_of(test)}
         write_json_atomic(self.summary_file, summary)
@@ -291,8 +288,7 @@ def main(argv=None):
                 print(f"[{index}/{len(runs)}] {run.name}: "
                       + ("done before, skipped" if run.done() else f"running ({len(todo)} to go)"), flush=True)
                 if run.done():
-                    with open(run.summary_file) as handle:
-                        summaries.append(json.load(handle))
+                    summaries.append(read_json(run.summary_file, "the run's summary"))
                     continue
                 summary = run.execute(log)
                 summaries.append(summary)

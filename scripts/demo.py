@@ -12,7 +12,6 @@ Stages (each skipped when its output is already there, so a second run is quick)
 Run it with `make demo` (DEMO_SCENES=N scales it) or `python scripts/demo.py --num_scenes N`.
 """
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from configs.defaults import load_config
 from utils import synthetic_data
 from utils.assignment import missing_snippets
 from utils.errors import UserError
+from utils.fileio import read_json
 from utils.visdom_server import VisdomServerError, start_server, stop_server, wait_for_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +71,7 @@ def start_visdom(port):
 
 
 def best_iteration():
-    with open(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json")) as handle:
-        return json.load(handle)["iteration"]
+    return read_json(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json"), "the best snapshot's file")["iteration"]
 
 
 def main():
@@ -173,8 +172,7 @@ def main():
 
 
 def report_scores(path):
-    with open(path) as handle:
-        test = json.load(handle)["folders"]["test"]
+    test = read_json(path, "the test scores")["folders"]["test"]
     figures = {"CIDEr": 100 * test["scores"]["total"]["CIDEr"],
                "no_change_rate": test["change_detection"]["distractor_no_change"],
                "right_type_rate": test["change_detection"]["change_type_correct"]}

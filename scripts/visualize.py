@@ -27,13 +27,12 @@ from PIL import Image
 
 from configs.defaults import load_config
 from models.captioner import load_trained_model
-from utils.cli import command_with, parse_with_overrides, report_errors, snapshot_choice
+from utils.cli import device_for, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
 from utils.dataset import RCCDataset
-from utils.device import DeviceError, select_device, working_gpu_id
+from utils.device import select_device
 from utils.errors import UserError
 from utils.eval_utils import EvalError, classify_caption, load_references
-from utils.experiment import resolve_snapshot
-from utils.fileio import write_json_atomic
+from utils.fileio import read_json, write_json_atomic
 from utils.text import CHANGE_TYPES
 from utils.utils import decode_sequence
 
@@ -91,8 +90,7 @@ def load_scenes(cfg):
     for folder in (os.path.dirname(cfg.data.splits_json), os.path.dirname(cfg.data.default_img_dir)):
         path = os.path.join(folder, "scenes.json")
         if os.path.isfile(path):
-            with open(path) as handle:
-                data = json.load(handle)
+            data = read_json(path, "scene file", "re-generate the data set", VisualizeError)
             return {int(scene["image_id"]): scene for scene in data.get("scenes", [])}
     return {}
 
@@ -339,13 +337,8 @@ def main(argv=None):
 
     def run():
         cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        script = "scripts/visualize.py"
-        try:
-            select_device(cfg.gpu_id)
-        except DeviceError as err:
-            raise DeviceError(f"{err}. This works here: {command_with(script, argv, gpu=working_gpu_id())}") from None
-        iteration = resolve_snapshot(cfg, args.snapshot, args.cfg,
-                                     lambda cfg_file, choice: command_with(script, argv, cfg=cfg_file, snapshot=choice))
+        device_for(cfg, "scripts/visualize.py", argv)
+        iteration = snapshot_for(cfg, args.snapshot, args.cfg, "scripts/visualize.py", argv)
         return cfg, make_figures(cfg, iteration, args.ids, args.per_type, args.random_n, args.seed,
                                  args.split, args.output_dir, args.attention, args.beam_size)
 

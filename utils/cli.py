@@ -4,7 +4,9 @@ import shlex
 import sys
 
 from configs.defaults import ConfigError
+from utils.device import DeviceError, select_device, working_gpu_id
 from utils.errors import UserError
+from utils.experiment import resolve_snapshot
 
 
 def parse_with_overrides(parser, argv=None):
@@ -32,12 +34,17 @@ def snapshot_choice(text):
 
 
 def report_errors(run, *args, **kwargs):
-    """run(*args, **kwargs); a ConfigError or UserError becomes one `error:` line on stderr and exit status 2."""
+    """run(*args, **kwargs); a ConfigError or UserError becomes one `error:` line on stderr and exit status 2,
+    and so does an error of the file system (a folder that cannot be written, a full disk)."""
     try:
         return run(*args, **kwargs)
     except (ConfigError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; check that the folder exists, is writable and has free space",
+              file=sys.stderr)
+    sys.exit(2)
 
 
 def command_with(script, argv, **flags):
@@ -50,3 +57,17 @@ def command_with(script, argv, **flags):
         else:
             words += [flag, str(value)]
     return " ".join(["python", script] + [shlex.quote(w) for w in words])
+
+
+def device_for(cfg, script, argv):
+    """The device cfg.gpu_id names; a GPU torch cannot use is a DeviceError ending with the command that works."""
+    try:
+        return select_device(cfg.gpu_id)
+    except DeviceError as err:
+        raise DeviceError(f"{err}. This works here: {command_with(script, argv, gpu=working_gpu_id())}") from None
+
+
+def snapshot_for(cfg, choice, config_file, script, argv):
+    """The iteration --snapshot ``choice`` names in cfg's experiment (errors carry the command that works)."""
+    return resolve_snapshot(cfg, choice, config_file,
+                            lambda other_config, snapshot: command_with(script, argv, cfg=other_config, snapshot=snapshot))
