@@ -27,9 +27,10 @@ class KVCache:
         return keys, values
 
     def once(self, project, *inputs):
-        """Cross-attention: project(*inputs) at the first step, the stored result afterwards."""
+        """Cross-attention: project(*inputs) at the first step, the stored result afterwards (contiguous,
+        so that no step copies them again for its matrix products)."""
         if self.keys is None:
-            self.keys, self.values = project(*inputs)
+            self.keys, self.values = (t.contiguous() for t in project(*inputs))
         return self.keys, self.values
 
     def reorder(self, rows):

@@ -17,7 +17,7 @@ from configs.defaults import get_cfg_defaults
 from tests.helpers import ROOT, write_cfg
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
-COMMANDS = ("python", "make", "torchrun", "$ python", "sudo")
+COMMANDS = {"python", "make", "torchrun", "$", "sudo"}  # the first word of a command line
 
 
 def read(name):
@@ -34,7 +34,7 @@ def commands(name):
         found += [line.strip() for line in joined.splitlines()]
     outside = re.sub(r"```.*?```", "", text, flags=re.S)
     found += [span.strip() for span in re.findall(r"`([^`\n]+)`", outside)]
-    return [line for line in found if line.startswith(COMMANDS) and not line.startswith(("python3 -m venv",))]
+    return [line for line in found if line.split() and line.split()[0] in COMMANDS]
 
 
 @functools.lru_cache(maxsize=None)

@@ -257,3 +257,38 @@ def test_evaluate_cli_rejects_bad_results(data, capsys, breakage, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (data["results"] / "eval_results.json").exists()
+
+
+def test_a_missing_results_folder_points_to_the_experiments_that_have_one(tmp_path, capsys):
+    (tmp_path / "experiments" / "SCORER+CBR_quick" / "eval_sents").mkdir(parents=True)
+    missing = str(tmp_path / "experiments" / "SCORER+CBR" / "eval_sents")
+    argv = ["--results_dir", missing, "--anno", "data/total_change_captions_reformat.json",
+            "--type_file", "data/type_mapping.json"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"results folder {missing} does not exist; these experiments have one: python evaluate.py " \
+           f"--results_dir {tmp_path}/experiments/SCORER+CBR_quick/eval_sents --anno " in err
+
+
+def test_reference_captions_from_the_two_caption_files_have_the_data_md_format(tiny_data, tmp_path):
+    from utils.eval_utils import build_references
+    from scripts.make_reference_captions import main
+
+    out = tmp_path / "total_change_captions_reformat.json"
+    assert main(["--input_captions_json", tiny_data["change_captions"], "--input_neg_captions_json",
+                 tiny_data["no_change_captions"], "--output_json", str(out)]) == 0
+    built = json.loads(out.read_text())
+    generated = json.loads(open(tiny_data["anno"]).read())
+    assert built["images"] == generated["images"] and built["annotations"] == generated["annotations"]
+    # DATA.md: "000123.png" holds the change captions, "000123.png_n" the no-change ones;
+    # annotations {"caption", "id", "image_id"} with ids 0, 1, 2, ...
+    change = json.loads(open(tiny_data["change_captions"]).read())
+    first = sorted(change)[0]
+    scene = re.search(r"(\d+)\.png$", first).group(1)
+    refs = load_references(str(out))
+    assert refs[f"{scene}.png"] == change[first]
+    assert refs[f"{scene}.png_n"] == json.loads(open(tiny_data["no_change_captions"]).read())[first]
+    assert all(set(a) == {"caption", "id", "image_id"} for a in built["annotations"])
+    assert [a["id"] for a in built["annotations"]] == list(range(len(built["annotations"])))
+    with pytest.raises(EvalError, match="is not an image file name"):
+        build_references({"notes.txt": ["x"]}, {}, "bad")

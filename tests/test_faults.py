@@ -546,3 +546,17 @@ def test_snippet_not_written_is_named_by_train_py(monkeypatch, tiny_data, tmp_pa
         train.main(["--cfg", cfg_file])
     assert exit_info.value.code == 2
     assert "error: the snippet utils.CrossEn is not implemented yet" in capsys.readouterr().err
+
+
+def test_the_assignment_test_command_after_the_quick_run_names_the_command_that_works(trained_experiment, tmp_path):
+    # The quick config's experiment, as a quick run would leave it; the paper config's has nothing.
+    quick = tmp_path / "experiments" / "SCORER+CBR_quick" / "snapshots"
+    quick.mkdir(parents=True)
+    os.link(snapshot_path(trained_experiment, 2), quick / "SCORER+CBR_quick_checkpoint_2.pt")
+    proc = run_cli("test.py", "--cfg", "configs/dynamic/transformer.yaml", "--snapshot", "10000", "--gpu", "-1",
+                   "exp_dir", tmp_path / "experiments")
+    assert_cli_error(proc, f"no snapshots in {tmp_path}/experiments/SCORER+CBR (configs/dynamic/transformer.yaml "
+                           f"trains there; train first)",
+                     f"configs/dynamic/transformer_quick.yaml has snapshots in {tmp_path}/experiments/SCORER+CBR_quick "
+                     f"(2): python test.py --cfg configs/dynamic/transformer_quick.yaml --snapshot last --gpu -1 exp_dir "
+                     f"{tmp_path}/experiments")
