@@ -145,6 +145,14 @@ def _cell(values):
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def _paired_cell(differences):
+    """Mean ± standard deviation of paired differences, with the count of positive ones, e.g. "4.0 ± 5.4 (2/3 > 0)"."""
+    known = [d for d in differences if d is not None]
+    if not known:
+        return "-"
+    return f"{_cell(known)} ({sum(d > 0 for d in known)}/{len(known)} > 0)"
+
+
 def tables(summaries, variants, seeds):
     """Markdown tables: main figures, per change type, paired differences against the first variant."""
     by = {(s["variant"], s["seed"]): s for s in summaries}
@@ -170,11 +178,11 @@ def tables(summaries, variants, seeds):
         if seeds_both:
             diffs = {key: [None if None in (by[(variant, s)][key], by[(base, s)][key])
                            else by[(variant, s)][key] - by[(base, s)][key] for s in seeds_both] for key, _ in METRICS}
-            paired.append(f"| {variant} − {base} | " + " | ".join(_cell(diffs[k]) for k, _ in METRICS)
+            paired.append(f"| {variant} − {base} | " + " | ".join(_paired_cell(diffs[k]) for k, _ in METRICS)
                           + f" | {len(seeds_both)} |")
     if paired:
         lines += ["", f"Differences to {base} on the same seed (the same data order), mean ± standard "
-                  f"deviation over seeds:", "",
+                  f"deviation over seeds, and on how many seeds the difference is positive:", "",
                   "| comparison | " + " | ".join(label for _, label in METRICS) + " | seeds |",
                   "|---|" + "---:|" * (len(METRICS) + 1)] + paired
     lines += ["", "Every run (test split):", "",
@@ -275,7 +283,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = "python scripts/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python scripts/ablate.py", *(argv if argv is not None else sys.argv[1:])])
     runs = [Run(args, variant, seed) for variant in args.variants for seed in args.seeds]
     log_dir = os.path.join(args.workdir, "experiments", "ablation", args.section)
     os.makedirs(log_dir, exist_ok=True)

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from scripts import ablate
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.snippets
@@ -27,3 +28,21 @@ def test_smoke_run_writes_the_table_and_chart_and_resumes(tmp_path):
     again = run_cli("scripts/ablate.py", "--smoke", "--workdir", tmp_path, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2, again.stdout
     assert (tmp_path / "ablation.md").read_text().startswith("# Notes\n\nkept\n")
+
+
+def _summary(variant, seed, cider, no_change):
+    summary = {"variant": variant, "seed": seed, "best_iteration": 100, "seconds": 60.0, "CIDEr": cider,
+               "Bleu_4": 30.0, "semantic_CIDEr": None, "right_type": 50.0, "no_change": no_change}
+    summary.update({f"CIDEr_{change}": None for change in ablate.CHANGE_TYPES})
+    return summary
+
+
+def test_tables_show_means_and_paired_differences_with_their_signs():
+    summaries = [_summary("base", 1, 90.0, 80.0), _summary("base", 2, 92.0, 84.0), _summary("base", 3, 94.0, 82.0),
+                 _summary("new", 1, 91.0, 90.0), _summary("new", 2, 95.0, 90.0), _summary("new", 3, 93.0, 92.0)]
+    text = "\n".join(ablate.tables(summaries, ["base", "new"], [1, 2, 3]))
+    # base: mean 92, sample sd 2; differences new - base: CIDEr 1, 3, -1 (mean 1, sd 2), 'no change' 10, 6, 10.
+    assert "| base | 92.0 ± 2.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | 82.0 ± 2.0 | 3 |" in text
+    assert "| new − base | 1.0 ± 2.0 (2/3 > 0) | 0.0 ± 0.0 (0/3 > 0) | 0.0 ± 0.0 (0/3 > 0) | " \
+           "8.7 ± 2.3 (3/3 > 0) | 3 |" in text
+    assert "| base | - | - | - | - | - | - |" in text  # no changed pair of any type: no per-type CIDEr

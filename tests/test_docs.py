@@ -60,7 +60,7 @@ def config_keys():
 
 # The tools that take KEY VALUE config overrides after their flags.
 WITH_OVERRIDES = {"train.py", "test.py", "scripts/visualize.py", "scripts/make_report.py", "scripts/benchmark.py",
-                  "scripts/ablate.py", "utils.dataset"}
+                  "scripts/ablate.py", "scripts/probe_encoder.py", "utils.dataset"}
 
 
 def check_arguments(words, help_output, where, overrides):

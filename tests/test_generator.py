@@ -3,10 +3,11 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 
-from scripts.generate_synthetic_clevr import (CHANGE_TYPES, COLORS, IMAGE_DIRS, IMAGE_NAMES, generate,
-                                      main)
+from scripts.generate_synthetic_clevr import (BASE_CAMERA, CHANGE_TYPES, COLORS, IMAGE_DIRS, IMAGE_NAMES, generate,
+                                              main, make_scene)
 from utils.text import CLEVR_CHANGE_WORDS, tokenize
 
 # Words that only captions of one change type use (DATA.md gives the style).
@@ -135,3 +136,19 @@ def test_cli_rejects_too_few_scenes(tmp_path, capsys):
         main(["--output_dir", str(tmp_path), "--num_scenes", "3", "--workers", "1"])
     assert exit_info.value.code == 2
     assert "--num_scenes" in capsys.readouterr().err
+
+
+def test_viewpoint_shift_scales_the_distractor_camera_and_light():
+    offsets, pixel_changes = {}, {}
+    for shift in (0.0, 1.0, 3.0):
+        records = [make_scene(scene_id, "color", 0, 48, 32, supersample=1, viewpoint_shift=shift)
+                   for scene_id in range(6)]
+        offsets[shift] = sum(abs(r["cameras"]["nonsemantic"]["azimuth"] - BASE_CAMERA["azimuth"])
+                             for _, r in records) / len(records)
+        pixel_changes[shift] = sum(np.abs(images["nonsemantic"].astype(float) - images["default"]).mean()
+                                   for images, _ in records) / len(records)
+        if shift == 0.0:  # no jitter at all: the base camera, and the same light in both later views
+            assert all(r["cameras"]["nonsemantic"] == {**BASE_CAMERA, "target": list(BASE_CAMERA["target"])}
+                       and r["lights"]["nonsemantic"] == r["lights"]["semantic"] for _, r in records)
+    assert offsets[0.0] == 0 < offsets[1.0] < offsets[3.0]
+    assert pixel_changes[1.0] < pixel_changes[3.0]
