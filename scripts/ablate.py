@@ -225,7 +225,8 @@ def write_section(out, section, text):
     current = open(out).read() if os.path.exists(out) else "# Ablation on the synthetic data\n\n"
     if begin in current and end in current:
         head, rest = current.split(begin, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
+        after = rest.split(end, 1)[1].lstrip("\n")
+        current = head + block + ("\n" + after if after else "")
     else:
         current = current.rstrip("\n") + "\n\n" + block
     write_text_atomic(out, current)
@@ -309,7 +310,7 @@ def main(argv=None):
     png = os.path.splitext(args.out)[0] + f"_{args.section}.png"
     title = f"{args.section}: {len(args.seeds)} seed(s), viewpoint shift {args.viewpoint_shift:g}"
     chart(summaries, args.variants, args.seeds, png, title)
-    text = [f"## {args.section}", "",
+    text = [f"### {args.section}", "",
             f"Data: {os.path.relpath(args.data, args.workdir)} (viewpoint shift {args.viewpoint_shift:g}); "
             f"variants: {', '.join(args.variants)}; seeds: {', '.join(map(str, args.seeds))}; config "
             f"configs/dynamic/transformer_demo.yaml" + (f" with {' '.join(args.overrides)}" if args.overrides else ""),

@@ -24,10 +24,11 @@ def test_smoke_run_writes_the_table_and_chart_and_resumes(tmp_path):
         assert os.path.exists(tmp_path / "experiments" / "ablation" / "smoke" / run / "test_output" / "captions" /
                               "eval_results.json")
     # Hand-written text around the section stays; a second run skips the finished runs.
-    (tmp_path / "ablation.md").write_text("# Notes\n\nkept\n\n" + doc.split("\n", 1)[1])
+    (tmp_path / "ablation.md").write_text("# Notes\n\nkept\n\n" + doc.split("\n", 1)[1] + "\n## After\n")
     again = run_cli("scripts/ablate.py", "--smoke", "--workdir", tmp_path, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2, again.stdout
-    assert (tmp_path / "ablation.md").read_text().startswith("# Notes\n\nkept\n")
+    rewritten = (tmp_path / "ablation.md").read_text()
+    assert rewritten.startswith("# Notes\n\nkept\n") and rewritten.endswith("section smoke: end -->\n\n## After\n")
 
 
 def _summary(variant, seed, cider, no_change):
