@@ -104,13 +104,17 @@ class CaptionModel(nn.Module):
         total = caption + lambda_v * cross_view + lambda_m * cross_modal
         return {"total": total, "caption": caption, "cross_view": cross_view, "cross_modal": cross_modal}
 
+    def encode(self, bef_feat, aft_feat, return_attention=False):
+        """The change detector's outputs (ChangeDetector.forward) for pairs (B, C, H, W), without the similarities."""
+        return self.change_detector(self.spatial_info(bef_feat), self.spatial_info(aft_feat),
+                                    compute_similarity=False, return_attention=return_attention)
+
     @torch.no_grad()
     def generate(self, bef_feat, aft_feat, beam_size=1, sample_max=True, temperature=1.0,
                  return_attention=False, use_cache=True):
         """Captions for pairs (B, C, H, W): tokens (B, L), log-probs; optionally the attention maps
         ({"encoder": (A_ba, A_ab), "decoder": (B, L, N)})."""
-        encoded = self.change_detector(self.spatial_info(bef_feat), self.spatial_info(aft_feat),
-                                       compute_similarity=False, return_attention=return_attention)
+        encoded = self.encode(bef_feat, aft_feat, return_attention)
         seq, logprobs, decoder_attention = decoding.generate(
             self.speaker, encoded[0], sample_max=sample_max, temperature=temperature, beam_size=beam_size,
             use_cache=use_cache)

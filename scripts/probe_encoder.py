@@ -46,12 +46,10 @@ def relative_change(moved, base):
 
 def probe(model, bef, changed, distractor):
     """The figures above for a CaptionModel and before / changed / distractor features (B, C, H, W)."""
-    encode = model.change_detector
     with torch.no_grad():
-        same = encode(model.spatial_info(bef), model.spatial_info(bef), compute_similarity=False)[0]
-        outputs = encode(model.spatial_info(bef), model.spatial_info(changed), compute_similarity=False,
-                         return_attention=True)
-        moved = encode(model.spatial_info(bef), model.spatial_info(distractor), compute_similarity=False)[0]
+        same = model.encode(bef, bef)[0]
+        outputs = model.encode(bef, changed, return_attention=True)
+        moved = model.encode(bef, distractor)[0]
     out, attention = outputs[0], outputs[5][0]  # (B, N, emb_dim); (B, N, N) or None (subtraction)
     entropy = None
     if attention is not None:
