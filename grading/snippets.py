@@ -4,16 +4,16 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from grading import GradingError
+from grading import REPO, GradingError
 from utils.assignment import ASSIGNMENT_FILES, END_MARK, START_MARK
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Paths that never go into the handout: the tools that hold or compute the solution, the tests
-# that spell the snippets out, and the instructors' and maintainers' documentation.
+# that spell the snippets out or need the grading tools, and the instructors' and maintainers'
+# documentation.
 # An entry ending in "/" excludes a whole folder.
 HANDOUT_EXCLUDE = ("grading/", "scripts/make_handout.py", "scripts/grade.py", "tests/test_handout.py",
-                   "tests/test_grader.py", "tests/test_snippet_formulas.py", "docs/instructors.md",
+                   "tests/test_grader.py", "tests/test_snippet_formulas.py", "tests/test_snippet_feedback.py",
+                   "tests/test_autograder.py", "tests/test_hostile_submissions.py", "docs/instructors.md",
                    "docs/development.md")
 
 # Folders skipped when the project is not a git checkout.
@@ -155,3 +155,14 @@ def project_files(root=REPO):
                     files.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
     # A file deleted from the working tree but still in the index is not part of the project now.
     return sorted(rel for rel in files if os.path.isfile(os.path.join(root, rel)))
+
+
+def solution_lines(root=REPO, shortest=20):
+    """The solution lines of the six blocks (comments removed) long enough to be telling: none of them
+    may appear in anything given to students or put on a grading machine."""
+    lines = []
+    for rel, blocks in assignment_blocks(root).items():
+        text = read_text(os.path.join(root, rel)).splitlines()
+        for block in blocks:
+            lines += [line.split("#")[0].strip() for line in text[block.code_start:block.end]]
+    return [line for line in lines if len(line) >= shortest]

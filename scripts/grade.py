@@ -1,21 +1,22 @@
 """Grade student submissions of the six snippets.
 
     python scripts/grade.py SUBMISSION [SUBMISSION ...] [--out results.csv] [--json DIR] [--timeout 60]
-    python scripts/grade.py --batch SUBMISSIONS_DIR --out results.csv --json reports/
+    python scripts/grade.py --batch SUBMISSIONS_DIR --out results.csv --json reports/ --jobs 8
 
 A SUBMISSION is a folder or .zip holding the four files students edit (models/SCORER.py,
 models/CBR.py, models/transformer_decoder.py, utils/utils.py), found by name anywhere inside;
 --batch DIR grades every sub-folder or .zip of DIR. Each snippet is checked on its own against
-the project's solution (same weights, random inputs of several sizes: values, shapes, masks,
-gradients), then a short training run on a fixed random batch must lower the loss. Points:
-15 per snippet and 10 for the training run (100 in all). Each check runs in its own process
-with --timeout seconds.
+the solution's outputs and gradients recorded on hidden inputs (values, shapes, masks, dropout,
+gradients), then the whole model, from the solution's initial weights, must repeat the solution's
+short training run on a fixed random batch (its losses at every step, its greedy captions). Points:
+15 per snippet and 10 for the training run (100 in all). Every check runs in a sandboxed child
+process with --timeout seconds (docs/instructors.md, "Security"); run from the full project, on Linux.
 """
 import argparse
 import sys
 
 from grading import GradingError
-from grading.grader import batch_submissions, format_table, grade, write_csv, write_json_reports
+from grading.grader import batch_submissions, default_jobs, format_table, grade, write_csv, write_json_reports
 
 
 def main(argv=None):
@@ -25,16 +26,27 @@ def main(argv=None):
     parser.add_argument("--out", help="CSV file with everyone's points")
     parser.add_argument("--json", help="folder for one JSON report per submission")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per check (default 60)")
-    parser.add_argument("--parallel", type=int, default=None, help="checks run at once (default: CPU cores)")
+    parser.add_argument("--jobs", "--parallel", type=int, default=None, dest="jobs",
+                        help=f"checks run at once, each on one core (default: the cores, here {default_jobs()})")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     try:
         paths = list(args.submissions) + (batch_submissions(args.batch) if args.batch else [])
         if not paths:
             parser.error("give at least one SUBMISSION or --batch DIR")
         print(f"grading {len(paths)} submission(s)...", flush=True)
-        reports = grade(paths, timeout=args.timeout, parallel=args.parallel)
+        done = []
+
+        def progress(report):
+            done.append(report)
+            print(f"[{len(done)}/{len(paths)}] {report['submission']}: {report['total']}/{report['max_total']}",
+                  file=sys.stderr, flush=True)
+
+        reports = grade(paths, timeout=args.timeout, jobs=args.jobs, progress=progress)
+        print(f"sandbox: {reports[0]['sandbox']}\n")
         for report in reports:
             print(format_table(report) + "\n")
         if args.json:

@@ -50,6 +50,8 @@ def pytest_runtest_makereport(item, call):
     if snippet is not None and report.when == "call":
         if report.outcome == "skipped":
             _SNIPPET_RESULTS[snippet] = "not implemented yet"
+        elif report.failed and isinstance(error, pytest.fail.Exception):  # tests/test_snippets.py's sentence
+            _SNIPPET_RESULTS[snippet] = "WRONG: " + error.msg
         elif report.failed:
             lines = [line for line in str(report.longrepr).splitlines() if line.startswith("E ")]
             _SNIPPET_RESULTS[snippet] = "WRONG: " + (lines[0][1:].strip() if lines else "see the failure above")
@@ -66,7 +68,7 @@ def pytest_terminal_summary(terminalreporter):
     if MISSING:
         terminalreporter.write_line(
             f"{len(MISSING)} of {len(SNIPPETS)} snippets are not implemented yet: "
-            + ", ".join(f"{name} ({path})" for name, path in MISSING)
+            + ", ".join(f"{name} ({path})" for name, path in sorted(MISSING, key=lambda m: SNIPPETS.index(m[0])))
             + ". Tests that need them were skipped; write them in the `== To Implement ==` blocks and check "
               "them with `make snippets`.", yellow=True, bold=True)
 

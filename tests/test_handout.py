@@ -11,7 +11,9 @@ import tarfile
 import pytest
 
 from grading import GradingError
-from grading.snippets import HANDOUT_EXCLUDE, REPO, find_blocks, handout_readme, is_excluded, project_files
+from grading import mistakes
+from grading.snippets import HANDOUT_EXCLUDE, REPO, assignment_blocks, find_blocks, handout_readme, is_excluded, project_files, \
+    solution_lines
 from utils.assignment import ASSIGNMENT_FILES, SNIPPETS
 
 SCRIPT = os.path.join(REPO, "scripts", "make_handout.py")
@@ -43,16 +45,6 @@ def handout(tmp_path_factory):
 def read(path):
     with open(path, encoding="utf-8", newline="") as f:
         return f.read()
-
-
-def solution_lines():
-    """The solution lines of the six blocks (comments removed), those long enough to be telling."""
-    lines = []
-    for rel in ASSIGNMENT_FILES:
-        before = read(os.path.join(REPO, rel)).splitlines()
-        for block in find_blocks(read(os.path.join(REPO, rel)), rel):
-            lines += [line.split("#")[0].strip() for line in before[block.code_start:block.end]]
-    return [line for line in lines if len(line) >= 20]
 
 
 def test_positions_name_each_block_where_the_handout_has_it(handout):
@@ -101,8 +93,9 @@ def test_the_tools_tests_and_docs_of_instructors_stay_out(handout):
         if rel not in ASSIGNMENT_FILES and rel not in ("README.md", CASES):
             with open(os.path.join(REPO, rel), "rb") as a, open(handout / "assignment" / rel, "rb") as b:
                 assert a.read() == b.read(), rel
-    for path in ("grading/grader.py", "scripts/grade.py", "scripts/make_handout.py", "tests/test_grader.py",
-                 "tests/test_snippet_formulas.py", "docs/instructors.md"):
+    for path in ("grading/grader.py", "grading/mistakes.py", "scripts/grade.py", "scripts/make_handout.py",
+                 "tests/test_grader.py", "tests/test_snippet_formulas.py", "tests/test_snippet_feedback.py",
+                 "tests/test_autograder.py", "tests/test_hostile_submissions.py", "docs/instructors.md"):
         assert is_excluded(path)
     assert not is_excluded("scripts/extract_features.py") and not is_excluded("tests/test_snippets.py")
     assert all(entry.endswith("/") or "." in entry for entry in HANDOUT_EXCLUDE)
@@ -129,24 +122,53 @@ def test_tar_holds_the_handout(handout):
     assert 'raise NotImplementedError("CBR.CrossEn")' in blanked
 
 
-def test_snippet_check_reports_missing_then_wrong_then_right(handout, tmp_path):
+# One wrong way per snippet, as students write them: (mistake of grading/mistakes.py or an edit, what
+# `make snippets` must say about it).
+SIX_WRONG = {
+    "CBR.CrossEn": ("info_nce_both_directions", "the block computes one direction (each row against its column), "
+                    "and its callers average CrossEn(S) and CrossEn(S^T): CBR.forward in models/CBR.py"),
+    "utils.CrossEn": ("info_nce_over_columns", "The softmax runs over the columns (dim 0)"),
+    "PositionEncoding": ("pe_sin_cos_swapped", "Sin and cos are swapped"),
+    "SelfAttention": (("context = context.transpose(1, 2).reshape(B, Lq, h * dh)", "context = context"),
+                      "has shape (2, 4, 5, 4) where shape (2, 5, 16) is expected, for no mask (B=2, d=16, 4 heads). "
+                      "Usually the heads are not merged back"),
+    "CrossAttention": ("dropout_on_output", "in training mode. Dropout (self.dropout) is applied to the merged output"),
+    "Attention": ("attention_not_scaled", "The scores are not divided by sqrt(dh)"),
+}
+
+
+def test_snippet_check_reports_missing_then_wrong_with_a_sentence_each(handout, tmp_path):
     folder = tmp_path / "student"
     shutil.copytree(handout / "assignment", folder)
     done = in_handout(folder, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_snippets.py")
     assert done.returncode == 0, done.stdout[-3000:]
     assert done.stdout.count("not implemented yet") >= 6
-    assert "6 of 6 snippets are not implemented yet" in done.stdout
+    # The closing summary lists the snippets in the table's order.
+    listed = ", ".join(f"{name} ({rel})" for name, rel in zip(SNIPPETS, (
+        "models/CBR.py", "utils/utils.py", "models/transformer_decoder.py", "models/transformer_decoder.py",
+        "models/transformer_decoder.py", "models/SCORER.py")))
+    assert f"6 of 6 snippets are not implemented yet: {listed}." in done.stdout
 
-    # The student writes every snippet: the solution, with one mistake in the InfoNCE of models/CBR.py.
-    for rel in ASSIGNMENT_FILES:
-        shutil.copyfile(os.path.join(REPO, rel), folder / rel)
-    cbr = (folder / "models/CBR.py").read_text()
-    (folder / "models/CBR.py").write_text(cbr.replace("F.log_softmax(sim_matrix, dim=-1)", "F.log_softmax(sim_matrix, dim=0)"))
+    # The student writes every snippet, each wrong in one of the usual ways.
+    texts = {rel: read(os.path.join(REPO, rel)) for rel in ASSIGNMENT_FILES}
+    owner = {block.name: rel for rel, blocks in assignment_blocks(REPO).items() for block in blocks}
+    for name, (how, _) in SIX_WRONG.items():
+        rel = owner[name]
+        if isinstance(how, tuple):
+            assert texts[rel].count(how[0]) == 1
+            texts[rel] = texts[rel].replace(*how)
+        else:
+            texts[rel] = mistakes.apply(next(m for m in mistakes.MISTAKES if m.name == how), name, texts[rel], rel)
+    for rel, text in texts.items():
+        (folder / rel).write_text(text)
     done = in_handout(folder, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_snippets.py")
     assert done.returncode == 1, done.stdout[-3000:]
-    table = done.stdout.split("snippets ===", 1)[1]
-    assert re.search(r"CBR.CrossEn\s+WRONG: .*the output differs", table), table
-    assert all(re.search(rf"{re.escape(name)}\s+matches the solution", table) for name in SNIPPETS[1:]), table
+    table = done.stdout.split("snippets ===", 1)[1].splitlines()[1:7]
+    assert [line.split()[0] for line in table] == list(SNIPPETS)
+    for line, (name, (_, said)) in zip(table, SIX_WRONG.items()):
+        assert re.match(rf"{re.escape(name)}\s+WRONG: [A-Z].*\.$", line), line
+        assert said in line, line
+        assert "Failed:" not in line and "index ()" not in line, line
 
 
 def test_demo_in_the_untouched_handout_stops_with_the_list(handout):
