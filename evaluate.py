@@ -7,8 +7,11 @@ Every folder under --results_dir holding sc_results.json (captions of changed pa
 "000123.png") and nsc_results.json (captions of distractor pairs, "000123.png_n") is scored:
 changed pairs, each change type, distractor pairs, and all captions together, with BLEU-1..4,
 METEOR, ROUGE-L, CIDEr and SPICE (None when SPICE cannot run offline), plus change-detection
-figures read off the captions. Then the best value of each metric across folders. Writes
-eval_results.txt (tables) and eval_results.json into --results_dir and prints the tables.
+figures read off the captions. On data whose scenes are known (--scenes, or the scenes.json the
+synthetic generator writes next to the annotations) also the object-level score of
+utils/object_score.py: whether each changed pair's caption names the object that changed and its
+new value. Then the best value of each metric across folders. Writes eval_results.txt (tables)
+and eval_results.json into --results_dir and prints the tables.
 """
 import argparse
 import glob
@@ -21,10 +24,12 @@ from utils.eval_utils import (CHANGE_TYPES, SCORERS, CaptionScorer, EvalError, c
                               load_references, load_results, load_type_mapping)
 from utils.cli import command_with
 from utils.fileio import write_json_atomic, write_text_atomic
+from utils.object_score import FIGURES, load_scenes, object_scores
 
 RESULT_FILES = ("sc_results.json", "nsc_results.json")
 SPLITS = ("semantic",) + CHANGE_TYPES + ("non_semantic", "total")
 OUTPUT_FILES = ("eval_results.txt", "eval_results.json")
+SCENES_FILE = "scenes.json"  # the synthetic generator's scene truth, next to the annotations
 
 
 def _natural_key(text):
@@ -92,12 +97,25 @@ def _load_folder(results_dir, folder, references, image_types):
     return sc, nsc
 
 
-def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS, argv=()):
-    """Score every results folder; returns the report (what eval_results.json holds)."""
+def scenes_beside(anno_json):
+    """The scenes.json next to the annotation file (synthetic data sets have one), or None."""
+    path = os.path.join(os.path.dirname(anno_json), SCENES_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS, argv=(), scenes=None):
+    """Score every results folder; returns the report (what eval_results.json holds).
+
+    ``scenes``: a scenes.json whose scene truth gives the object-level score of every folder
+    (None: no object-level score).
+    """
     folders = find_result_folders(results_dir, argv)
     references = load_references(anno_json)
     image_types = load_type_mapping(type_file)
+    truths = load_scenes(scenes) if scenes is not None else None
     loaded = {f: _load_folder(results_dir, f, references, image_types) for f in folders}
+    objects = {f: object_scores(sc, truths, image_types, scenes) if truths is not None else None
+               for f, (sc, _) in loaded.items()}
 
     # One scorer for every caption of every folder: tokenized once, then sliced.
     hypotheses, refs = {}, {}
@@ -106,7 +124,7 @@ def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS, argv=()):
             hypotheses[(folder, image_id)] = caption
             refs[(folder, image_id)] = references[image_id]
 
-    report = {"results_dir": results_dir, "anno": anno_json, "type_file": type_file,
+    report = {"results_dir": results_dir, "anno": anno_json, "type_file": type_file, "scenes": scenes,
               "folders": {}}
     subsets = {}
     for folder, (sc, nsc) in loaded.items():
@@ -124,6 +142,7 @@ def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS, argv=()):
             "scores": {split: {"count": len(subsets[(folder, split)]),
                                **scores[(folder, split)]} for split in SPLITS},
             "change_detection": change_detection(sc, nsc, image_types),
+            "object_score": objects[folder],
         }
     report["metrics"] = names
     report["best"] = _best(report["folders"], names)
@@ -169,6 +188,8 @@ def format_report(report):
             f"{_fmt(det['distractor_no_change'])}% (of {det['distractor_pairs']}); changed "
             f"pairs captioned as a change {_fmt(det['change_detected'])}%, as the right type "
             f"{_fmt(det['change_type_correct'])}% (of {det['changed_pairs']}: {per_type})", ""]
+        if rep.get("object_score"):
+            lines += format_object_score(rep["object_score"]) + [""]
     lines.append(f"== best over {len(report['folders'])} folder(s)")
     lines.append(f"{'split':<14}{'metric':<9}{'best':>8}  folder")
     for split in ("semantic", "non_semantic", "total"):
@@ -179,6 +200,29 @@ def format_report(report):
     return "\n".join(lines) + "\n"
 
 
+# Column heads of the object-level table (utils.object_score.FIGURES), explained in its first line.
+OBJECT_COLUMNS = {"right_type": "type", "object_color_shape": "col+shape", "object_named": "named",
+                  "new_value": "new", "all_right": "all"}
+
+
+def format_object_score(score):
+    """The object-level score as text lines: % of the changed pairs of each type ("-": nothing new to name)."""
+    lines = [f"object-level score against {score['scenes']}: % of the changed pairs whose caption names the "
+             f"right change type (type), a subject whose colour and shape fit the changed object (col+shape), "
+             f"one all of whose named attributes fit it (named), the right new colour, material or added "
+             f"object (new), and all of these (all)",
+             f"{'pairs':<12}{'n':>6}" + "".join(f"{OBJECT_COLUMNS[f]:>11}" for f in FIGURES)]
+    rows = [(t, score["per_type"][t]) for t in CHANGE_TYPES]
+    rows.append(("changed", {"pairs": score["pairs"], **score["figures"]}))
+    for name, row in rows:
+        label = f"  {name}" if name in CHANGE_TYPES else name
+        lines.append(f"{label:<12}{row['pairs']:>6}" + "".join(f"{_fmt(row[f]):>11}" for f in FIGURES))
+    named = ", ".join(f"{a} {_fmt(v['named'])}% (right {_fmt(v['right'])}%)"
+                      for a, v in score["attributes"].items())
+    lines.append(f"subjects that name each attribute: {named}")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score generated change captions.")
     parser.add_argument("--results_dir", required=True,
@@ -187,11 +231,15 @@ def main(argv=None):
                         help="COCO ground truth, e.g. data/total_change_captions_reformat.json")
     parser.add_argument("--type_file", required=True,
                         help="change type of every image, e.g. data/type_mapping.json")
+    parser.add_argument("--scenes", default=None,
+                        help=f"scene truth for the object-level score, e.g. data/demo/{SCENES_FILE} (default: "
+                             f"the {SCENES_FILE} next to --anno, when there is one; the real data has none)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        report = evaluate_dir(args.results_dir, args.anno, args.type_file, argv=argv)
+        scenes = args.scenes if args.scenes is not None else scenes_beside(args.anno)
+        report = evaluate_dir(args.results_dir, args.anno, args.type_file, argv=argv, scenes=scenes)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

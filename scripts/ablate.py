@@ -3,14 +3,22 @@
     python scripts/ablate.py                                   # 4 variants x 3 seeds, the demo's data
     python scripts/ablate.py --viewpoint_shift 2 --variants subtraction scorer_cbr --seeds 1 \
         --section shift-2                                      # stronger distractors, one seed
+    python scripts/ablate.py --test_scenes 2000                # the same runs, tested on 2,000 other scenes
     python scripts/ablate.py --smoke --workdir /tmp/ablate     # two variants, a few steps (tests)
 
 Each run is a normal experiment (configs/dynamic/transformer_demo.yaml with the variant's keys)
 under <workdir>/experiments/ablation/<section>/<variant>-s<seed>: train.py, then test.py on the
-best validation snapshot, then evaluate.py on its test captions. A run whose evaluation exists is
-skipped and an interrupted training resumes, so the command can simply be run again. The data
-set is the demo's (data/demo) for --viewpoint_shift 1, else data/ablation/shift-<S>, built like
-the demo's (utils/synthetic_data.py) when it is absent.
+best validation snapshot, then evaluate.py on its test captions (with the object-level score of
+utils/object_score.py). A run whose evaluation exists is skipped and an interrupted training
+resumes, so the command can simply be run again; a trained run evaluated by an older version
+(no object-level score) or on another test split is tested and evaluated again, not retrained.
+The data set is the demo's (data/demo) for --viewpoint_shift 1, else data/ablation/shift-<S>,
+built like the demo's (utils/synthetic_data.py) when it is absent.
+
+The test split is the data set's own (200 scenes for 2,000) unless --test_scenes N: then N other
+scenes (ids from 100000, the same renderer, distractor strength and features), all in the test
+split of their own folder data/ablation/test-<N>[-shift-<S>]. With 200 changed pairs one
+percentage has a sampling error of about 3.5 points (at 50 %), with 2,000 about 1.1.
 
 The variants (the paper's ablation, Tu et al. 2023, table 3), as config keys:
   subtraction     no SCORER blocks: ReLU([X_bef; X_aft - X_bef] W + b), no L_cv, no CBR
@@ -50,7 +58,9 @@ VARIANTS = {
     "scorer_cbr": ([], "SCORER + CBR (the default configuration)"),
 }
 METRICS = (("CIDEr", "total CIDEr"), ("Bleu_4", "BLEU-4"), ("right_type", "right change type %"),
-           ("no_change", "distractor 'no change' %"))
+           ("no_change", "distractor 'no change' %"), ("right_object", "right object %"),
+           ("all_right", "type, object and value right %"))
+TEST_START_ID = 100000  # first scene id of a --test_scenes set: no id, hence no scene, of the training data
 SMOKE = {"variants": ["subtraction", "scorer_cbr"], "seeds": [1], "num_scenes": 25,
          "overrides": ["train.max_iter", "2", "data.train.batch_size", "4"]}
 
@@ -63,37 +73,50 @@ class Run:
         self.name = f"{variant}-s{seed}"
         self.exp_dir = os.path.join(args.workdir, "experiments", "ablation", args.section)
         self.root = os.path.join(self.exp_dir, self.name)
-        self.data = args.data
-        self.overrides = (synthetic_data.data_overrides(args.data)
-                          + ["exp_dir", self.exp_dir, "exp_name", self.name, "seed", str(seed),
-                             "logger.visdom", "False", "gpu_id", "-1"]
-                          + VARIANTS[variant][0] + args.overrides)
+        self.test_data = args.test_data
+        self.test_name = os.path.relpath(args.test_data, args.workdir)  # recorded in the summary
+        settings = (["exp_dir", self.exp_dir, "exp_name", self.name, "seed", str(seed), "logger.visdom", "False",
+                     "gpu_id", "-1"] + VARIANTS[variant][0] + args.overrides)
+        self.overrides = synthetic_data.data_overrides(args.data) + settings
+        self.test_overrides = synthetic_data.data_overrides(args.test_data) + settings
         self.result_file = os.path.join(self.root, "test_output", "captions", "eval_results.json")
         self.summary_file = os.path.join(self.root, "ablation_run.json")
 
+    def previous(self):
+        """The summary of an earlier execution, or None."""
+        return read_json(self.summary_file, "the run's summary") if os.path.exists(self.summary_file) else None
+
     def done(self):
-        return os.path.exists(self.summary_file)
+        """Evaluated on this test split (summaries written before the object-level score name none)."""
+        summary = self.previous()
+        return summary is not None and summary.get("test_data") == self.test_name
 
     def snapshots(self):
         folder = os.path.join(self.root, "snapshots")
         return sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
 
+    def trained(self):
+        return os.path.exists(os.path.join(self.root, "best_snapshot.json")) and self._finished_training()
+
     def execute(self, log):
-        started = time.time()
-        best_file = os.path.join(self.root, "best_snapshot.json")
-        if not (os.path.exists(best_file) and self._finished_training()):
+        started, previous = time.time(), self.previous()
+        trained_before = self.trained()
+        if not trained_before:
             resume = ["--resume"] if self.snapshots() else []
             _run([sys.executable, os.path.join(ROOT, "train.py"), "--cfg", CONFIG, *resume, *self.overrides],
                  log, f"{self.name}: train")
-        best = read_json(best_file, "the best snapshot's file")["iteration"]
+        best = read_json(os.path.join(self.root, "best_snapshot.json"), "the best snapshot's file")["iteration"]
         _run([sys.executable, os.path.join(ROOT, "test.py"), "--cfg", CONFIG, "--snapshot", str(best),
-              *self.overrides], log, f"{self.name}: test")
-        _run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--results_dir",
-              os.path.dirname(self.result_file), "--anno", os.path.join(self.data, "total_change_captions_reformat.json"),
-              "--type_file", os.path.join(self.data, "type_mapping.json")], log, f"{self.name}: evaluate")
+              *self.test_overrides], log, f"{self.name}: test")
+        # The scenes.json next to the annotations gives the object-level score.
+        _run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--results_dir", os.path.dirname(self.result_file),
+              "--anno", os.path.join(self.test_data, "total_change_captions_reformat.json"),
+              "--type_file", os.path.join(self.test_data, "type_mapping.json")], log, f"{self.name}: evaluate")
         test = read_json(self.result_file, "the test scores")["folders"]["test"]
-        summary = {"variant": self.variant, "seed": self.seed, "best_iteration": best,
-                   "seconds": round(time.time() - started, 1), **metrics_of(test)}
+        # A run tested again keeps the minutes of its training run.
+        seconds = previous["seconds"] if trained_before and previous else round(time.time() - started, 1)
+        summary = {"variant": self.variant, "seed": self.seed, "best_iteration": best, "seconds": seconds,
+                   "test_data": self.test_name, "test_pairs": test["scores"]["semantic"]["count"], **metrics_of(test)}
         write_json_atomic(self.summary_file, summary)
         return summary
 
@@ -115,15 +138,20 @@ def metrics_of(test):
     """The figures the table shows, from one folder of evaluate.py's eval_results.json (scores x 100;
     None where the split has no caption of a kind)."""
     scores, detection = test["scores"], test["change_detection"]
+    objects = test["object_score"]  # evaluate.py reads the scenes.json next to the data set's annotations
 
     def pct(value):
         return None if value is None else 100 * value
 
     found = {"CIDEr": pct(scores["total"]["CIDEr"]), "Bleu_4": pct(scores["total"]["Bleu_4"]),
              "semantic_CIDEr": pct(scores["semantic"]["CIDEr"]), "right_type": pct(detection["change_type_correct"]),
-             "no_change": pct(detection["distractor_no_change"])}
+             "no_change": pct(detection["distractor_no_change"]),
+             # right object: the colour and shape the caption's subject names fit the changed object
+             "right_object": pct(objects["figures"]["object_color_shape"]),
+             "all_right": pct(objects["figures"]["all_right"])}
     for change in CHANGE_TYPES:
         found[f"CIDEr_{change}"] = pct(scores[change]["CIDEr"])
+        found[f"right_object_{change}"] = pct(objects["per_type"][change]["object_color_shape"])
     return found
 
 
@@ -163,14 +191,18 @@ def tables(summaries, variants, seeds):
         if runs:
             lines.append(f"| {variant} | " + " | ".join(_cell([r[key] for r in runs]) for key, _ in METRICS)
                          + f" | {len(runs)} |")
-    lines += ["", "CIDEr per change type (changed pairs of that type only; see docs/evaluation.md on why "
-              "these are not comparable with the total):", "",
-              "| variant | " + " | ".join(CHANGE_TYPES) + " | semantic |", "|---|" + "---:|" * (len(CHANGE_TYPES) + 1)]
-    for variant in variants:
-        runs = [by[(variant, seed)] for seed in seeds if (variant, seed) in by]
-        if runs:
-            keys = [f"CIDEr_{c}" for c in CHANGE_TYPES] + ["semantic_CIDEr"]
-            lines.append(f"| {variant} | " + " | ".join(_cell([r[k] for r in runs]) for k in keys) + " |")
+    for keys, last, text in (
+            ("CIDEr_", "semantic_CIDEr", "CIDEr per change type (changed pairs of that type only; see "
+                                         "docs/evaluation.md on why these are not comparable with the total):"),
+            ("right_object_", "right_object", "Right object per change type, % (the colour and shape the caption "
+                                              "names fit the changed object; docs/evaluation.md):")):
+        lines += ["", text, "", "| variant | " + " | ".join(CHANGE_TYPES) + " | changed pairs |",
+                  "|---|" + "---:|" * (len(CHANGE_TYPES) + 1)]
+        for variant in variants:
+            runs = [by[(variant, seed)] for seed in seeds if (variant, seed) in by]
+            if runs:
+                columns = [keys + c for c in CHANGE_TYPES] + [last]
+                lines.append(f"| {variant} | " + " | ".join(_cell([r[k] for r in runs]) for k in columns) + " |")
     base = variants[0]
     paired = []
     for variant in variants[1:]:
@@ -198,8 +230,8 @@ def tables(summaries, variants, seeds):
 def chart(summaries, variants, seeds, path, title):
     by = {(s["variant"], s["seed"]): s for s in summaries}
     shown = [v for v in variants if any((v, seed) in by for seed in seeds)]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, label) in zip(axes, (METRICS[0], METRICS[2], METRICS[3])):
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, (key, label) in zip(axes, (METRICS[0], METRICS[2], METRICS[3], METRICS[4])):
         stats = [mean_std([by[(v, s)][key] for s in seeds if (v, s) in by]) for v in shown]
         means = [m or 0.0 for m, _ in stats]
         errors = [sd or 0.0 for _, sd in stats]
@@ -232,24 +264,30 @@ def write_section(out, section, text):
     write_text_atomic(out, current)
 
 
-def ensure_data(args, log):
-    if all((synthetic_data.generated(args.data), synthetic_data.preprocessed(args.data),
-            *(synthetic_data.extracted(args.data, i, f) for i, f in synthetic_data.IMAGE_FOLDERS))):
+def ensure_data(folder, num_scenes, viewpoint_shift, log, test_only=False):
+    """Builds a data set like the demo's where absent; test_only: scenes from id TEST_START_ID, all of them in
+    the test split (its vocabulary is then empty of words: test.py decodes with the snapshot's own).
+
+    Random-weight features re-estimate BatchNorm on the first 256 images of their folder: calibrated on
+    other scenes, the demo's features moved by 1.9 % (relative norm, 100 test images), against 40 % from a
+    scene to its distractor image, so a test set of its own is extracted as the training data was."""
+    if all((synthetic_data.generated(folder), synthetic_data.preprocessed(folder),
+            *(synthetic_data.extracted(folder, i, f) for i, f in synthetic_data.IMAGE_FOLDERS))):
         return
-    print(f"building the data set {args.data} ({args.num_scenes} scenes, viewpoint shift {args.viewpoint_shift})",
-          flush=True)
-    weights = "imagenet" if synthetic_data.imagenet_weights_present() else "random"
-    if not synthetic_data.generated(args.data):
-        _run(synthetic_data.generate_command(args.data, args.num_scenes, viewpoint_shift=args.viewpoint_shift),
-             log, "generate")
-    synthetic_data.check_feature_settings(
-        args.data, {"extract_features": list(synthetic_data.FEATURE_ARGS), "weights": weights},
-        f"rm -r {args.data}")
+    print(f"building the data set {folder} ({num_scenes} scenes, viewpoint shift {viewpoint_shift})", flush=True)
+    if not synthetic_data.generated(folder):
+        command = synthetic_data.generate_command(folder, num_scenes, viewpoint_shift=viewpoint_shift)
+        _run(command + (["--start_id", str(TEST_START_ID)] if test_only else []), log, "generate")
+    if test_only:
+        splits_file = os.path.join(folder, "splits.json")
+        splits = read_json(splits_file, "the split file")
+        write_json_atomic(splits_file, {"train": [], "val": [], "test": sorted(sum(splits.values(), []))})
+    synthetic_data.check_feature_settings(folder, f"rm -r {folder}")
     for images, features in synthetic_data.IMAGE_FOLDERS:
-        if not synthetic_data.extracted(args.data, images, features):
-            _run(synthetic_data.extract_command(args.data, images, features, weights), log, "extract")
-    if not synthetic_data.preprocessed(args.data):
-        _run(synthetic_data.preprocess_command(args.data), log, "preprocess")
+        if not synthetic_data.extracted(folder, images, features):
+            _run(synthetic_data.extract_command(folder, images, features), log, "extract")
+    if not synthetic_data.preprocessed(folder):
+        _run(synthetic_data.preprocess_command(folder), log, "preprocess")
 
 
 def parse_args(argv=None):
@@ -260,6 +298,10 @@ def parse_args(argv=None):
                         help="distractor strength of the data set (scripts/generate_synthetic_clevr.py)")
     parser.add_argument("--data", help="data folder (default: data/demo, or data/ablation/shift-<S>)")
     parser.add_argument("--num_scenes", type=int, default=2000, help="scenes of a data set built here")
+    parser.add_argument("--test_scenes", type=int, default=None,
+                        help="test every run on this many other scenes (a data set of their own, built once; "
+                             "2000 gives a sampling error of about one point per percentage) instead of the "
+                             "data set's test split")
     parser.add_argument("--section", help="name of this comparison in --out and of its runs' folder "
                                           "(default: shift-<S>)")
     parser.add_argument("--workdir", default=ROOT, help="folder that receives data/ and experiments/")
@@ -269,6 +311,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(args.overrides) % 2:
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.overrides}")
+    if args.test_scenes is not None and args.test_scenes < len(CHANGE_TYPES):
+        parser.error(f"--test_scenes must be at least {len(CHANGE_TYPES)} (one scene per change type); "
+                     f"got {args.test_scenes}")
     if args.smoke:
         args.variants, args.seeds, args.num_scenes = SMOKE["variants"], SMOKE["seeds"], SMOKE["num_scenes"]
         args.overrides = SMOKE["overrides"] + args.overrides
@@ -277,6 +322,9 @@ def parse_args(argv=None):
     default_data = ("data/demo" if args.viewpoint_shift == 1.0 and not args.smoke
                     else f"data/ablation/{args.section}")
     args.data = os.path.abspath(args.data or os.path.join(args.workdir, default_data))
+    shift = "" if args.viewpoint_shift == 1.0 else f"-shift-{args.viewpoint_shift:g}"
+    args.test_data = (os.path.join(args.workdir, "data", "ablation", f"test-{args.test_scenes}{shift}")
+                      if args.test_scenes else args.data)
     args.out = args.out or (os.path.join(args.workdir, "ablation.md") if args.smoke
                             else os.path.join(ROOT, "docs", "ablation.md"))
     return args
@@ -290,28 +338,36 @@ def main(argv=None):
     os.makedirs(log_dir, exist_ok=True)
     try:
         with open(os.path.join(log_dir, "ablate_log.txt"), "a") as log:
-            ensure_data(args, log)
+            ensure_data(args.data, args.num_scenes, args.viewpoint_shift, log)
+            if args.test_data != args.data:
+                ensure_data(args.test_data, args.test_scenes, args.viewpoint_shift, log, test_only=True)
             summaries, started = [], time.time()
             for index, run in enumerate(runs, 1):
                 todo = [r for r in runs[index - 1:] if not r.done()]
-                print(f"[{index}/{len(runs)}] {run.name}: "
-                      + ("done before, skipped" if run.done() else f"running ({len(todo)} to go)"), flush=True)
+                status = ("done before, skipped" if run.done() else
+                          f"trained before, testing on {run.test_name} ({len(todo)} to go)" if run.trained() else
+                          f"running ({len(todo)} to go)")
+                print(f"[{index}/{len(runs)}] {run.name}: {status}", flush=True)
                 if run.done():
-                    summaries.append(read_json(run.summary_file, "the run's summary"))
+                    summaries.append(run.previous())
                     continue
                 summary = run.execute(log)
                 summaries.append(summary)
-                print(f"    CIDEr {summary['CIDEr']:.1f}, right type {summary['right_type']:.1f} %, distractors "
-                      f"'no change' {summary['no_change']:.1f} % ({summary['seconds'] / 60:.1f} min; "
-                      f"{(time.time() - started) / 60:.0f} min so far)", flush=True)
+                right_object = "-" if summary["right_object"] is None else f"{summary['right_object']:.1f}"
+                print(f"    CIDEr {summary['CIDEr']:.1f}, right type {summary['right_type']:.1f} %, right object "
+                      f"{right_object} %, distractors 'no change' {summary['no_change']:.1f} % "
+                      f"({summary['seconds'] / 60:.1f} min; {(time.time() - started) / 60:.0f} min so far)", flush=True)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     png = os.path.splitext(args.out)[0] + f"_{args.section}.png"
     title = f"{args.section}: {len(args.seeds)} seed(s), viewpoint shift {args.viewpoint_shift:g}"
     chart(summaries, args.variants, args.seeds, png, title)
+    test_pairs = sorted({s["test_pairs"] for s in summaries})
     text = [f"### {args.section}", "",
             f"Data: {os.path.relpath(args.data, args.workdir)} (viewpoint shift {args.viewpoint_shift:g}); "
+            f"test split: {os.path.relpath(args.test_data, args.workdir)} "
+            f"({' / '.join(map(str, test_pairs))} changed and as many distractor pairs); "
             f"variants: {', '.join(args.variants)}; seeds: {', '.join(map(str, args.seeds))}; config "
             f"configs/dynamic/transformer_demo.yaml" + (f" with {' '.join(args.overrides)}" if args.overrides else ""),
             "", f"Reproduce: `{command}`", "", *tables(summaries, args.variants, args.seeds), "",

@@ -24,17 +24,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from utils.clevr_objects import (ATTRIBUTES, COLORS, MATERIAL_WORDS, MATERIALS, NOUN_WORDS, SHAPE_WORDS,
+                                 SHAPES, SIZE_WORDS)
 from utils.eval_utils import build_references
 from utils.fileio import write_json_atomic
 from utils.text import CHANGE_TYPES
-SHAPES = ("cube", "sphere", "cylinder")
-# CLEVR's palette (sRGB, 0..255).
-COLORS = {
-    "gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
-    "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208),
-    "yellow": (255, 238, 51),
-}
-MATERIALS = ("rubber", "metal")
+
 SIZES = {"large": 0.7, "small": 0.35}  # CLEVR's object "radius" in world units
 
 IMAGE_DIRS = {"default": "images", "semantic": "sc_images", "nonsemantic": "nsc_images"}
@@ -422,12 +417,7 @@ def change_type_of(scene_id, num_scenes, start_id=0):
 
 
 # ----------------------------------------------------------------------------------------
-# Captions (only the 72 words of the real vocabulary)
-SIZE_WORDS = {"large": ("large", "big"), "small": ("small", "tiny")}
-MATERIAL_WORDS = {"metal": ("metal", "metallic", "shiny"), "rubber": ("rubber", "matte")}
-SHAPE_WORDS = {"cube": ("cube", "block"), "sphere": ("sphere", "ball"), "cylinder": ("cylinder",)}
-NOUN_WORDS = ("object", "thing")
-ATTRIBUTES = ("size", "color", "material", "shape")
+# Captions (only the 72 words of the real vocabulary; the attribute words: utils/clevr_objects.py)
 RELATIONS = ("in front of", "behind", "on the left side of", "on the right side of")
 
 CHANGE_TEMPLATES = {

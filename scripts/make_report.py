@@ -31,6 +31,7 @@ from utils.checkpoint import list_snapshots
 from utils.cli import parse_with_overrides, report_errors, snapshot_choice
 from utils.errors import UserError
 from utils.fileio import read_json, write_text_atomic
+from utils.object_score import FIGURE_LABELS, FIGURES
 from utils.text import CHANGE_TYPES
 
 matplotlib.use("Agg")
@@ -91,25 +92,29 @@ def validation_scores(exp_root):
         rows = []
         for folder, rep in report["folders"].items():
             scores = rep["scores"]
+            objects = rep.get("object_score")  # None without a scene truth (the real data)
             rows.append({"iteration": _iteration_of(folder), "folder": folder,
                          **{name: scores["total"].get(name) for name in VAL_METRICS},
                          "semantic CIDEr": scores["semantic"].get("CIDEr"),
                          "distractor CIDEr": scores["non_semantic"].get("CIDEr"),
                          "no-change rate": rep["change_detection"]["distractor_no_change"],
-                         "right-type rate": rep["change_detection"]["change_type_correct"]})
+                         "right-type rate": rep["change_detection"]["change_type_correct"],
+                         "right-object rate": objects["figures"]["object_color_shape"] if objects else None})
         top = report["best"]["total"]["CIDEr"]
     except (KeyError, TypeError, AttributeError) as err:
         raise ReportError(f"{path} lacks {err} where evaluate.py writes it; re-run evaluate.py on "
                           f"{os.path.dirname(path)}") from None
     rows.sort(key=lambda r: (r["iteration"] is None, r["iteration"] or 0))
     best = next((r for r in rows if top and r["folder"] == top["folder"]), None)
-    return {"source": path, "rows": rows, "best": best,
-            "metrics": list(VAL_METRICS) + ["semantic CIDEr", "distractor CIDEr", "no-change rate",
-                                            "right-type rate"]}
+    metrics = list(VAL_METRICS) + ["semantic CIDEr", "distractor CIDEr", "no-change rate", "right-type rate"]
+    if any(r["right-object rate"] is not None for r in rows):
+        metrics.append("right-object rate")
+    return {"source": path, "rows": rows, "best": best, "metrics": metrics}
 
 
 def test_scores(exp_root):
-    """{"source", "folder", "scores", "change_detection", "metrics", "others"} or None."""
+    """{"source", "folder", "scores", "change_detection", "object_score" (None without a scene truth),
+    "metrics", "others"} or None."""
     path = os.path.join(exp_root, "test_output", "captions", "eval_results.json")
     if not os.path.isfile(path):
         return None
@@ -124,7 +129,7 @@ def test_scores(exp_root):
         if missing:
             raise KeyError(f"the scores of {missing}")
         return {"source": path, "folder": folder, "scores": rep["scores"],
-                "change_detection": rep["change_detection"],
+                "change_detection": rep["change_detection"], "object_score": rep.get("object_score"),
                 "metrics": [m for m in SHOWN_METRICS if m in report["metrics"]],
                 "others": [f for f in folders if f != folder]}
     except (KeyError, TypeError, AttributeError) as err:
@@ -312,6 +317,21 @@ def _tables(info):
         note = (f"Read off the generated captions by keyword rules (utils.eval_utils.classify_caption); "
                 f"{det['changed_pairs']} changed and {det['distractor_pairs']} distractor pairs.")
         tables.append(("Change detection on the test split", header, rows, note))
+        objects = test["object_score"]
+        if objects:
+            header = ["pairs", "count"] + [f"{FIGURE_LABELS[f]} (%)" for f in FIGURES]
+            rows = [[t, str(objects["per_type"][t]["pairs"])] + [_pct(objects["per_type"][t][f]) for f in FIGURES]
+                    for t in CHANGE_TYPES]
+            rows.append(["changed", str(objects["pairs"])] + [_pct(objects["figures"][f]) for f in FIGURES])
+            named = ", ".join(f"{a} {_pct(v['named'])} % (right {_pct(v['right'])} %)"
+                              for a, v in objects["attributes"].items())
+            note = (f"Each caption of a changed pair read back against the scene truth {objects['scenes']} "
+                    f"(utils/object_score.py, docs/evaluation.md): its subject must fit the changed object (as it "
+                    f"was before the change; the added object for add) in the colour and shape it names, or in "
+                    f"every attribute it names; the new value is the new colour or material, or the added object "
+                    f"('-': drop and move have none); all right: right type, object and new value. Subjects that "
+                    f"name each attribute: {named}.")
+            tables.append(("Object-level score on the test split", header, rows, note))
     return tables
 
 
@@ -356,10 +376,12 @@ def _summary_lines(info):
 def _figure_caption(entry):
     if "change_type" not in entry:
         return entry["file"]
-    marks = ["right" if entry[k] else "wrong" for k in ("changed_right", "distractor_right")]
+    # Indexes written before the object-level verdict have right/wrong for the change type only.
+    changed = entry.get("changed_verdict") or ("right" if entry["changed_right"] else "wrong")
+    distractor = "right" if entry["distractor_right"] else "wrong"
     return (f"scene {entry['scene_id']:06d} ({entry['split']}, snapshot {entry['snapshot']}), change type "
-            f"{entry['change_type']}: changed pair \"{entry['changed_caption']}\" ({marks[0]}); distractor "
-            f"pair \"{entry['distractor_caption']}\" ({marks[1]})")
+            f"{entry['change_type']}: changed pair \"{entry['changed_caption']}\" ({changed}); distractor "
+            f"pair \"{entry['distractor_caption']}\" ({distractor})")
 
 
 def render_markdown(info, cfg_path):

@@ -8,10 +8,12 @@ Pick the scenes with --ids 12 40, --per_type N (the first N of every change type
 output_dir experiments/<exp_name>/figures): the three images side by side, the generated
 caption of the (before, changed) and the (before, distractor) pair, a few reference captions,
 the change type and whether the captions got it right (the changed pair read as the true change
-type, the distractor pair as "no change"; see utils.eval_utils.classify_caption). --attention
-adds two rows of heatmaps over the images: the encoder's cross-view attention and the decoder's
-attention over the feature grid. On synthetic data (scenes.json next to the data) the true box
-of the changed object is drawn. triplets.json in the output folder lists every figure drawn there.
+type, the distractor pair as "no change"; see utils.eval_utils.classify_caption). On synthetic
+data (scenes.json next to the data) the changed pair is RIGHT only when its caption also names
+the changed object and its new value (utils/object_score.py), else "RIGHT TYPE, WRONG OBJECT" or
+the like with the true object, and the true box of the changed object is drawn. --attention adds
+two rows of heatmaps over the images: the encoder's cross-view attention and the decoder's
+attention over the feature grid. triplets.json in the output folder lists every figure drawn there.
 """
 import argparse
 import json
@@ -33,6 +35,7 @@ from utils.device import select_device
 from utils.errors import UserError
 from utils.eval_utils import EvalError, classify_caption, load_references
 from utils.fileio import read_json, write_json_atomic
+from utils.object_score import describe, judge, scene_truth
 from utils.text import CHANGE_TYPES
 from utils.utils import decode_sequence
 
@@ -46,7 +49,7 @@ DPI = 100
 TEXT_LINE = 0.34  # inches per text line at the caption font size
 CAPTION_FONT = 14
 WRAP = 125  # characters per caption line at CAPTION_FONT over FIG_WIDTH
-RIGHT, WRONG = "#1a7f37", "#c62828"
+RIGHT, PARTLY, WRONG = "#1a7f37", "#b26a00", "#c62828"
 PANELS = (("before", "d_img_path", "default"), ("changed", "q_img_path", "semantic"),
           ("distractor", "n_img_path", "nonsemantic"))
 
@@ -86,13 +89,13 @@ def select_indices(dataset, ids=None, per_type=None, random_n=None, seed=0):
 
 
 def load_scenes(cfg):
-    """{scene id: scene} from scenes.json next to the data (synthetic sets only), else {}."""
+    """({scene id: scene}, path) from scenes.json next to the data (synthetic sets only), else ({}, None)."""
     for folder in (os.path.dirname(cfg.data.splits_json), os.path.dirname(cfg.data.default_img_dir)):
         path = os.path.join(folder, "scenes.json")
         if os.path.isfile(path):
             data = read_json(path, "scene file", "re-generate the data set", VisualizeError)
-            return {int(scene["image_id"]): scene for scene in data.get("scenes", [])}
-    return {}
+            return {int(scene["image_id"]): scene for scene in data.get("scenes", [])}, path
+    return {}, None
 
 
 def _softmax_mean(scores, steps):
@@ -106,9 +109,34 @@ def _word_steps(tokens, idx_to_word):
     return len(decode_sequence(idx_to_word, tokens.unsqueeze(0))[0].split())
 
 
+def judge_record(record, truth=None):
+    """Sets the verdicts of a captioned scene's pairs: right_type, object (utils.object_score.judge, None
+    without a scene truth), truth (the true object in words), verdict ("right", "wrong type", "right type,
+    wrong object", ...) and right of the changed pair; right of the distractor pair."""
+    changed = record["changed"]
+    changed["right_type"] = changed["read_as"] == record["change_type"]
+    changed["object"] = judge(changed["caption"], truth) if truth is not None else None
+    changed["truth"] = describe(truth) if truth is not None else None
+    judged = changed["object"]
+    if not changed["right_type"]:
+        changed["verdict"] = "wrong type"
+    elif judged is None or judged["all_right"]:
+        changed["verdict"] = "right"
+    else:
+        wrong = [] if judged["object_named"] else ["object"]
+        if judged["new_value"] is False and record["change_type"] != "add":  # add: the new value is the object
+            wrong.append("new value")
+        changed["verdict"] = f"right type, wrong {' and '.join(wrong)}"
+    changed["right"] = changed["verdict"] == "right"
+    record["distractor"]["right"] = record["distractor"]["read_as"] == "no_change"
+
+
 @torch.no_grad()
-def caption_scenes(model, dataset, indices, idx_to_word, device, beam_size=1, references=None):
-    """One record per scene: captions, verdicts, references, attention maps as (H, W) arrays."""
+def caption_scenes(model, dataset, indices, idx_to_word, device, beam_size=1, references=None, truths=None):
+    """One record per scene: captions, verdicts, references, attention maps as (H, W) arrays.
+
+    ``truths``: {scene id: utils.object_score.scene_truth}; a scene in it is judged on the object too.
+    """
     items = [dataset[i] for i in indices]
     bef = torch.stack([item["d_feat"] for item in items]).to(device)
     H, W = bef.shape[-2:]
@@ -134,8 +162,7 @@ def caption_scenes(model, dataset, indices, idx_to_word, device, beam_size=1, re
                 "decoder": _softmax_mean(attention["decoder"][b], steps).view(H, W).cpu().numpy(),
             }
     for record in records:
-        record["changed"]["right"] = record["changed"]["read_as"] == record["change_type"]
-        record["distractor"]["right"] = record["distractor"]["read_as"] == "no_change"
+        judge_record(record, (truths or {}).get(record["scene_id"]))
         key = f"{record['scene_id']:06d}.png"
         refs = references or {}
         record["references"] = {"changed": refs.get(key, [])[:2], "distractor": refs.get(key + "_n", [])[:1]}
@@ -151,10 +178,19 @@ def _load_image(path):
 
 
 def _verdict(pair, truth):
-    read_as = pair["read_as"] or "unclear"
+    read_as = (pair["read_as"] or "unclear").replace("_", " ")
+    judged = pair.get("object")
     if pair["right"]:
-        return f"RIGHT (read as {read_as.replace('_', ' ')})"
-    return f"WRONG (read as {read_as.replace('_', ' ')}, true: {truth.replace('_', ' ')})"
+        checked = "" if judged is None else "; right object" + (
+            " and new value" if judged["new_value"] is not None and truth != "add" else "")
+        return f"RIGHT (read as {read_as}{checked})"
+    if pair.get("right_type"):
+        return f"{pair['verdict'].upper()} (read as {read_as}; true: {pair['truth']})"
+    return f"WRONG (read as {read_as}, true: {truth.replace('_', ' ')})"
+
+
+def _colour(pair):
+    return RIGHT if pair["right"] else PARTLY if pair.get("right_type") else WRONG
 
 
 def _text_lines(record, title, has_box):
@@ -163,7 +199,7 @@ def _text_lines(record, title, has_box):
     for pair, truth, label in (("changed", record["change_type"], "before → changed"),
                                ("distractor", "no_change", "before → distractor")):
         info = record[pair]
-        colour = RIGHT if info["right"] else WRONG
+        colour = _colour(info)
         text = f"Generated ({label}): \"{info['caption']}\"  {_verdict(info, truth)}"
         lines += [(part, colour, "bold") for part in textwrap.wrap(text, WRAP, subsequent_indent="    ")]
     for pair, label in (("changed", "Reference (change)"), ("distractor", "Reference (no change)")):
@@ -254,7 +290,8 @@ def _index_entry(record, file_name, iteration, split):
     return {"file": file_name, "scene_id": record["scene_id"], "split": split, "snapshot": iteration,
             "change_type": record["change_type"],
             "changed_caption": record["changed"]["caption"], "changed_read_as": record["changed"]["read_as"],
-            "changed_right": record["changed"]["right"],
+            "changed_right": record["changed"]["right"], "changed_right_type": record["changed"]["right_type"],
+            "changed_verdict": record["changed"]["verdict"], "changed_object": record["changed"]["object"],
             "distractor_caption": record["distractor"]["caption"],
             "distractor_read_as": record["distractor"]["read_as"],
             "distractor_right": record["distractor"]["right"],
@@ -289,11 +326,12 @@ def make_figures(cfg, iteration, ids=None, per_type=None, random_n=None, seed=0,
         references = load_references(cfg.data.anno_json)
     except EvalError:
         references = {}  # figures still show the generated captions; the text says none found
-    scenes = load_scenes(cfg)
+    scenes, scenes_path = load_scenes(cfg)
+    truths = {scene_id: scene_truth(scene, scenes_path) for scene_id, scene in scenes.items()}
     entries = []
     for start in range(0, len(indices), 32):  # bounded memory for long --ids lists
         chunk = indices[start:start + 32]
-        records = caption_scenes(model, dataset, chunk, idx_to_word, device, beam_size, references)
+        records = caption_scenes(model, dataset, chunk, idx_to_word, device, beam_size, references, truths)
         for record in records:
             name = f"triplet_{split}_{record['scene_id']:06d}.png"
             title = (f"Scene {record['scene_id']:06d} ({split}): change type {record['change_type']}"
@@ -345,9 +383,9 @@ def main(argv=None):
     cfg, entries = report_errors(run)
     output_dir = args.output_dir or default_output_dir(cfg)
     for entry in entries:
-        marks = ["right" if entry[k] else "wrong" for k in ("changed_right", "distractor_right")]
+        distractor = "right" if entry["distractor_right"] else "wrong"
         print(f"{os.path.join(output_dir, entry['file'])}: {entry['change_type']}, changed pair "
-              f"{marks[0]}, distractor pair {marks[1]}")
+              f"{entry['changed_verdict']}, distractor pair {distractor}")
     return 0
 
 

@@ -41,6 +41,20 @@ SCENES = {
     "000009.png": ("move", ["The small green cylinder moved.",
                             "The tiny green cylinder is in a different location."]),
 }
+# The scene truth of SCENES for the object-level score: change type, the changed object as it was before the
+# change (the added one for add), the new value.
+TRUTH = {
+    "000000.png": ("color", "small red rubber cube", "blue"),
+    "000001.png": ("color", "large gray metal sphere", "yellow"),
+    "000002.png": ("material", "small cyan metal cylinder", "rubber"),
+    "000003.png": ("material", "large brown rubber cube", "metal"),
+    "000004.png": ("add", "small gray rubber sphere", None),
+    "000005.png": ("add", "large purple metal sphere", None),
+    "000006.png": ("drop", "large brown rubber cube", None),
+    "000007.png": ("drop", "small cyan rubber sphere", None),
+    "000008.png": ("move", "large red metal cube", None),
+    "000009.png": ("move", "large green metal cylinder", None),  # SC_CAPTIONS calls it small
+}
 NO_CHANGE_REFS = ["Nothing has changed.", "The two scenes seem identical.",
                   "The scene remains the same.", "No change was made."]
 # Generated captions: some right, some wrong type, mixed case and punctuation.
@@ -68,6 +82,19 @@ NSC_CAPTIONS = {
     "000008.png_n": "nothing has changed",
     "000009.png_n": "the two scenes seem identical",
 }
+
+
+def _write_scenes(path, truth=TRUTH):
+    """A scenes.json as the generator writes it (the fields the score reads): the changed object second."""
+    scenes = []
+    for image_id, (change, described, after) in truth.items():
+        changed = dict(zip(("size", "color", "material", "shape"), described.split()))
+        other = {"size": "large", "color": "blue", "material": "rubber", "shape": "sphere"}
+        scenes.append({"image_id": int(image_id[:6]), "change_type": change, "changed_object": 1,
+                       "objects": [other, changed], "change": {"after": after} if after else {}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"scenes": scenes}))
+    return str(path)
 
 
 def _simple_tokens(text):
@@ -195,6 +222,7 @@ def test_evaluate_cli_matches_direct_scorers(data, capsys, monkeypatch):
     report = json.loads((data["results"] / "eval_results.json").read_text())
     assert (data["results"] / "eval_results.txt").read_text() in printed
     first = report["folders"]["SCORER+CBR_sents_1000"]
+    assert first["object_score"] is None and "object-level score" not in printed  # no scene truth
     assert first["scores"]["semantic"]["count"] == 10
     assert first["scores"]["drop"]["count"] == 2
     assert first["scores"]["total"]["count"] == 20
@@ -292,3 +320,64 @@ def test_reference_captions_from_the_two_caption_files_have_the_data_md_format(t
     assert [a["id"] for a in built["annotations"]] == list(range(len(built["annotations"])))
     with pytest.raises(EvalError, match="is not an image file name"):
         build_references({"notes.txt": ["x"]}, {}, "bad")
+
+
+# SC_CAPTIONS judged against TRUTH, worked out by hand per change type:
+# (right type, right object: colour and shape, right object: all named, new value, all right)
+OBJECT_FIGURES = {"color": (0.5, 1.0, 1.0, 0.5, 0.5),  # 000001 is read as a drop: no new colour named
+                  "material": (1.0, 1.0, 1.0, 1.0, 1.0),
+                  "add": (0.5, 0.5, 0.5, 0.5, 0.5),  # 000005 says nothing changed
+                  "drop": (1.0, 1.0, 1.0, None, 1.0),
+                  "move": (0.5, 1.0, 0.5, None, 0.5)}  # 000009: read as a colour change, the size wrong
+
+
+@pytest.mark.filterwarnings("ignore:SPICE skipped")
+def test_object_level_score_from_the_scenes_beside_the_annotations(data, capsys):
+    scenes = _write_scenes(data["results"].parent / "scenes.json")
+    assert evaluate.main(["--results_dir", str(data["results"]), "--anno", data["anno"],
+                          "--type_file", data["type_file"]]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((data["results"] / "eval_results.json").read_text())
+    assert report["scenes"] == scenes
+    score = report["folders"]["SCORER+CBR_sents_1000"]["object_score"]
+    names = ("right_type", "object_color_shape", "object_named", "new_value", "all_right")
+    for change, figures in OBJECT_FIGURES.items():
+        assert score["per_type"][change] == {"pairs": 2, **dict(zip(names, figures))}, change
+    assert score["figures"] == pytest.approx(dict(zip(names, (0.7, 0.9, 0.8, 4 / 6, 0.7))))
+    # The right-type share is the change-detection figure of the same captions.
+    assert score["figures"]["right_type"] == report["folders"]["SCORER+CBR_sents_1000"]["change_detection"][
+        "change_type_correct"]
+    # Sizes named in 8 captions, 7 of them right (000009); shapes in 7 (000008 says "object"), all right.
+    assert score["attributes"]["size"] == pytest.approx({"named": 0.8, "right": 7 / 8})
+    assert score["attributes"]["shape"] == pytest.approx({"named": 0.7, "right": 1.0})
+    table = printed.split("== SCORER+CBR_sents_1000")[1].split("== SCORER+CBR_sents_2000")[0]
+    assert f"object-level score against {scenes}: % of the changed pairs" in table
+    assert "  color          2      50.00     100.00     100.00      50.00      50.00" in table
+    assert "  drop           2     100.00     100.00     100.00          -     100.00" in table
+    assert "changed         10      70.00      90.00      80.00      66.67      70.00" in table
+    assert (data["results"] / "eval_results.txt").read_text() in printed
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing", "scenes file {scenes} does not exist; pass (--scenes) the scenes.json"),
+    ("no_scene", "scenes file {scenes} has no scene for 1 of the 10 changed pairs (e.g. ['000009.png'])"),
+    ("other_type", "scenes file {scenes} says 000000.png is a drop change, the type file a color change"),
+    ("bad_scene", "scenes file {scenes}: scene 3: changed_object 1 is not an index of its 1 objects"),
+])
+def test_evaluate_cli_rejects_an_unusable_scenes_file(data, tmp_path, capsys, breakage, message):
+    scenes = tmp_path / "elsewhere" / "scenes.json"
+    if breakage == "no_scene":
+        _write_scenes(scenes, {k: v for k, v in TRUTH.items() if k != "000009.png"})
+    elif breakage == "other_type":
+        _write_scenes(scenes, {**TRUTH, "000000.png": ("drop", "small red rubber cube", None)})
+    elif breakage == "bad_scene":
+        _write_scenes(scenes)
+        records = json.loads(scenes.read_text())
+        records["scenes"][3]["objects"] = records["scenes"][3]["objects"][:1]
+        scenes.write_text(json.dumps(records))
+    code = evaluate.main(["--results_dir", str(data["results"]), "--anno", data["anno"],
+                          "--type_file", data["type_file"], "--scenes", str(scenes)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: " + message.format(scenes=scenes)), err
+    assert not (data["results"] / "eval_results.json").exists()

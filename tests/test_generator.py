@@ -1,5 +1,4 @@
 """Synthetic CLEVR-Change generator: layout, consistency with the scene truth, determinism."""
-import hashlib
 import json
 import os
 
@@ -8,6 +7,7 @@ import pytest
 
 from scripts.generate_synthetic_clevr import (BASE_CAMERA, CHANGE_TYPES, COLORS, IMAGE_DIRS, IMAGE_NAMES, generate,
                                               main, make_scene)
+from tests.helpers import tree_digest
 from utils.text import CLEVR_CHANGE_WORDS, tokenize
 
 # Words that only captions of one change type use (DATA.md gives the style).
@@ -109,26 +109,16 @@ def test_scene_truth_matches_change_type(tiny_data):
                 assert dist >= 1.6
 
 
-def _digest(root):
-    digest = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                digest[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return digest
-
-
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     generate(str(tmp_path / "a"), 10, seed=3, width=48, height=32, workers=1, supersample=1,
              progress=False)
     generate(str(tmp_path / "b"), 10, seed=3, width=48, height=32, workers=2, supersample=1,
              progress=False)
-    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
     assert len(a) == 3 * 10 + 6 and a == b
     generate(str(tmp_path / "c"), 10, seed=4, width=48, height=32, workers=1, supersample=1,
              progress=False)
-    assert _digest(tmp_path / "c") != a
+    assert tree_digest(tmp_path / "c") != a
 
 
 def test_cli_rejects_too_few_scenes(tmp_path, capsys):

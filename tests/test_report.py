@@ -43,12 +43,21 @@ def test_report_holds_scores_curves_and_figures(tiny_experiment, tmp_path):  # n
     no_change = test["change_detection"]["distractor_no_change"]
     assert f"| distractor pairs captioned 'no change' | {100 * no_change:.2f} |" in md
     assert f"<td>{100 * no_change:.2f}</td>" in page
+    # The tiny data set is synthetic: evaluate.py found its scenes.json and scored the objects.
+    objects = test["object_score"]
+    assert "## Object-level score on the test split" in md and "<h2>Object-level score on the test split" in page
+    assert ("| changed | {} | ".format(objects["pairs"]) + " | ".join(
+        f"{100 * objects['figures'][f]:.2f}" for f in ("right_type", "object_color_shape", "object_named",
+                                                        "new_value", "all_right")) + " |") in md
+    drop = objects["per_type"]["drop"]
+    assert f"| drop | {drop['pairs']} | {100 * drop['right_type']:.2f} | " in md and drop["new_value"] is None
 
     # Figures were drawn (none existed) and are referenced by relative path; the HTML embeds them.
     index = json.load(open(os.path.join(root, "figures", visualize.INDEX_FILE)))
     assert index and all(f"](../figures/{e['file']})" in md for e in index)
     assert page.count("data:image/png;base64,") == len(index) + 1  # figures and the curves
     assert all(e["changed_caption"] in page for e in index)
+    assert all(f"\"{e['changed_caption']}\" ({e['changed_verdict']})" in md for e in index)
     with Image.open(os.path.join(root, "report", "training_curves.png")) as curves:
         assert curves.size == (1300, 900)
 

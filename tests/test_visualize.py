@@ -8,6 +8,8 @@ from PIL import Image
 
 from scripts import visualize
 from utils.dataset import RCCDataset
+from utils.eval_utils import classify_caption
+from utils.object_score import judge, load_scenes, scene_truth
 from utils.text import CHANGE_TYPES
 from models.captioner import load_trained_model
 
@@ -23,12 +25,15 @@ def test_per_type_figures_match_the_test_captions(tiny_experiment, tmp_path):  #
     assert sorted(e["change_type"] for e in entries) == present  # one scene of every type in the split
     index = json.loads((tmp_path / visualize.INDEX_FILE).read_text())
     assert [e["file"] for e in index] == [e["file"] for e in entries]
+    truths = load_scenes(exp["data"]["scenes"])  # the tiny data set is synthetic: judged on the object too
     for entry in index:
         key = f"{entry['scene_id']:06d}.png"
         # Greedy decoding from the same snapshot: the figure shows what test.py wrote.
         assert entry["changed_caption"] == exp["sc"][key]
         assert entry["distractor_caption"] == exp["nsc"][key + "_n"]
-        assert entry["changed_right"] == (entry["changed_read_as"] == entry["change_type"])
+        assert entry["changed_right_type"] == (entry["changed_read_as"] == entry["change_type"])
+        assert entry["changed_object"] == judge(entry["changed_caption"], truths[key])
+        assert entry["changed_right"] == (entry["changed_right_type"] and entry["changed_object"]["all_right"])
         assert entry["distractor_right"] == (entry["distractor_read_as"] == "no_change")
         assert entry["references"]["changed"] and entry["references"]["distractor"]
         with Image.open(tmp_path / entry["file"]) as img:
@@ -106,3 +111,44 @@ def test_ids_are_followed_by_config_overrides():
     assert args.random_n == 3 and args.opts == ["seed", "7"]
     with pytest.raises(SystemExit):
         visualize.parse_args(["--cfg", "c.yaml", "--snapshot", "5", "--ids", "exp_dir", "/x"])
+
+
+# A material change of a green metal cube (the first object); a small red rubber cylinder stands beside it.
+MATERIAL_SCENE = {"image_id": 3, "change_type": "material", "changed_object": 0, "change": {"after": "rubber"},
+                  "objects": [{"size": "large", "color": "green", "material": "metal", "shape": "cube"},
+                              {"size": "small", "color": "red", "material": "rubber", "shape": "cylinder"}]}
+ADD_SCENE = {"image_id": 4, "change_type": "add", "changed_object": 1, "change": {},
+             "objects": [MATERIAL_SCENE["objects"][1],
+                         {"size": "large", "color": "purple", "material": "metal", "shape": "sphere"}]}
+
+
+@pytest.mark.parametrize("scene, caption, verdict, text", [
+    # The issue's example: the change type is right, the object is another one.
+    (MATERIAL_SCENE, "the small red rubber cylinder was changed to rubber", "right type, wrong object",
+     "RIGHT TYPE, WRONG OBJECT (read as material; true: the large green metal cube, now rubber)"),
+    (MATERIAL_SCENE, "the green block turned matte", "right", "RIGHT (read as material; right object and new value)"),
+    (MATERIAL_SCENE, "the green cube became shiny", "right type, wrong new value",
+     "RIGHT TYPE, WRONG NEW VALUE (read as material; true: the large green metal cube, now rubber)"),
+    (MATERIAL_SCENE, "the red cylinder became metal", "right type, wrong object and new value",
+     "RIGHT TYPE, WRONG OBJECT AND NEW VALUE (read as material; true: the large green metal cube, now rubber)"),
+    (MATERIAL_SCENE, "the green cube turned red", "wrong type", "WRONG (read as color, true: material)"),
+    (MATERIAL_SCENE, "nothing has changed", "wrong type", "WRONG (read as no change, true: material)"),
+    (ADD_SCENE, "a large shiny ball has appeared", "right", "RIGHT (read as add; right object)"),
+    (ADD_SCENE, "the small red cylinder has been added", "right type, wrong object",
+     "RIGHT TYPE, WRONG OBJECT (read as add; true: the added large purple metal sphere)"),
+    (None, "the small red rubber cylinder was changed to rubber", "right", "RIGHT (read as material)"),
+])
+def test_the_changed_pair_is_right_only_with_the_right_object(scene, caption, verdict, text):
+    record = {"scene_id": 3, "change_type": (scene or MATERIAL_SCENE)["change_type"],
+              "changed": {"caption": caption, "read_as": classify_caption(caption)},
+              "distractor": {"caption": "nothing has changed", "read_as": "no_change"}}
+    visualize.judge_record(record, scene_truth(scene) if scene else None)
+    changed = record["changed"]
+    assert changed["verdict"] == verdict and changed["right"] == (verdict == "right")
+    assert record["distractor"]["right"]
+    lines = visualize._text_lines(dict(record, references={"changed": [], "distractor": []}), "title", False)
+    end = next(i for i, line in enumerate(lines) if line[0].startswith("Generated (before → distractor)"))
+    shown = " ".join(" ".join(line[0].split()) for line in lines[1:end])  # the changed pair, wrapped
+    assert shown == f'Generated (before → changed): "{caption}" {text}'
+    colour = {"right": visualize.RIGHT, "wrong type": visualize.WRONG}.get(verdict, visualize.PARTLY)
+    assert {line[1] for line in lines[1:end]} == {colour}

@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 
+from utils.clevr_objects import COLORS, MATERIAL_WORDS
 from utils.errors import UserError
 from utils.fileio import read_json
 from utils.text import CHANGE_TYPES
@@ -491,9 +492,10 @@ def score_captions(results, references, metrics=SCORERS):
 
 # --------------------------------------------------------------------------- change detection
 
-_COLORS = {"gray", "grey", "red", "blue", "green", "brown", "purple", "cyan", "yellow"}
-_MATERIALS = {"rubber", "matte", "metal", "metallic", "shiny"}
-_CHANGE_VERBS = {"turned", "became", "changed", "made", "modified"}
+_COLORS = set(COLORS)
+_MATERIALS = {word for words in MATERIAL_WORDS.values() for word in words}
+# Verbs of a colour or material change; the new value follows them ("turned blue", "was made shiny").
+CHANGE_VERBS = {"turned", "became", "changed", "made", "modified"}
 _DROP_WORDS = {"missing", "gone", "disappeared", "removed"}
 _ADD_WORDS = {"added", "appeared", "newly", "placed"}
 _MOVE_WORDS = {"moved", "location", "position"}
@@ -517,7 +519,7 @@ def classify_caption(text):
         return "drop"
     if vocab & _ADD_WORDS:
         return "add"
-    verbs = [i for i, w in enumerate(words) if w in _CHANGE_VERBS]
+    verbs = [i for i, w in enumerate(words) if w in CHANGE_VERBS]
     if verbs:
         after = set(words[verbs[0] + 1:])
         if after & _MATERIALS:
