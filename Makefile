@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_SCENES ?= 2000
 
-.PHONY: setup test test-slow snippets demo clean-demo
+.PHONY: setup test test-slow snippets demo clean-demo submission
 
 # visdom 0.2.4 is a source package whose setup imports pkg_resources: it needs setuptools<81
 # and --no-build-isolation.
@@ -32,3 +32,9 @@ demo: setup
 
 clean-demo:
 	rm -rf data/demo experiments/demo
+
+# The hand-in: checks the four files, the snippets and the report of CFG's experiment, then writes
+# submission.zip (FORCE=1 writes it although something is missing).
+CFG ?= configs/dynamic/transformer_quick.yaml
+submission: setup
+	$(PY) scripts/make_submission.py --cfg $(CFG) $(if $(FORCE),--force)

@@ -31,18 +31,38 @@ def test_demo_runs_every_stage_and_skips_them_the_second_time(tmp_path):
 
 
 def test_features_from_other_settings_stop_the_demo(tmp_path):
+    from configs.defaults import load_config
     from utils.errors import UserError
-    from utils.synthetic_data import FEATURE_ARGS, check_feature_settings
+    from utils.extraction import STAMP, settings_from_config
+    from utils.synthetic_data import DEMO_CONFIG, check_feature_settings
 
-    settings = {"extract_features": list(FEATURE_ARGS), "weights": "random"}
-    check_feature_settings(str(tmp_path), settings, "make clean-demo")  # nothing there yet: stamped
-    assert json.loads((tmp_path / "feature_settings.json").read_text()) == settings
-    check_feature_settings(str(tmp_path), settings, "make clean-demo")  # same settings: goes on
+    settings = settings_from_config(load_config(DEMO_CONFIG).data.extraction)
+    check_feature_settings(str(tmp_path), "make clean-demo")  # nothing there yet
+    features = tmp_path / "features"
+    features.mkdir()
+    (features / "CLEVR_default_000000.png.npy").write_bytes(b"")
+    with pytest.raises(UserError, match="other settings .*no extraction.json.*make clean-demo"):  # an older checkout
+        check_feature_settings(str(tmp_path), "make clean-demo")
+    (features / STAMP).write_text(json.dumps(settings))
+    check_feature_settings(str(tmp_path), "make clean-demo")  # the demo's settings: goes on
+    (features / STAMP).write_text(json.dumps(dict(settings, weights="imagenet")))
+    with pytest.raises(UserError, match="imagenet weights.*the demo uses resnet101 layer1"):
+        check_feature_settings(str(tmp_path), "make clean-demo")
 
-    with pytest.raises(UserError, match="make clean-demo"):
-        check_feature_settings(str(tmp_path), dict(settings, weights="imagenet"), "make clean-demo")
-    os.remove(tmp_path / "feature_settings.json")
-    (tmp_path / "features").mkdir()
-    (tmp_path / "features" / "CLEVR_default_000000.png.npy").write_bytes(b"")
-    with pytest.raises(UserError, match="other settings"):  # features of an older checkout, no stamp
-        check_feature_settings(str(tmp_path), settings, "make clean-demo")
+
+def test_ctrl_c_in_a_stage_waits_for_it_and_says_how_to_go_on(capsys, tmp_path, monkeypatch):
+    import sys
+
+    from scripts import demo
+
+    # The stage gets the Ctrl-C as the demo does (here: it sends it to the demo), then takes a moment to
+    # save and exits with 130, as train.py does; the demo waits for it instead of killing it.
+    stage = ("import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(1); "
+             "open(os.environ['SAVED'], 'w').close(); raise SystemExit(130)")
+    monkeypatch.setenv("SAVED", str(tmp_path / "saved"))
+    with pytest.raises(SystemExit) as stop:
+        demo.run([sys.executable, "-c", stage], "train")
+    assert stop.value.code == 130 and (tmp_path / "saved").exists()
+    err = capsys.readouterr().err
+    assert "stopped by Ctrl-C during stage 'train'" in err and "Run `make demo` again to go on" in err
+    assert "failed" not in err
