@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from configs.defaults import load_config
 from models.captioner import generate_captions, load_trained_model
-from utils.cli import device_for, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
+from utils.cli import device_for, int_at_least, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
 from utils.dataset import RCCDataset, eval_loader
 from utils.device import select_device
 from utils.fileio import write_json_atomic
@@ -25,8 +25,8 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", required=True, help="the config the snapshot was trained with")
     parser.add_argument("--snapshot", type=snapshot_choice, required=True,
                         help="iteration of the snapshot, best (highest validation CIDEr) or last")
-    parser.add_argument("--gpu", type=int, default=None, help="CUDA device id; -1 for the CPU")
-    parser.add_argument("--beam_size", type=int, default=1, help="1 is greedy decoding")
+    parser.add_argument("--gpu", type=int_at_least(-1), default=None, help="CUDA device id; -1 for the CPU")
+    parser.add_argument("--beam_size", type=int_at_least(1), default=1, help="1 is greedy decoding")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     return parse_with_overrides(parser, argv)
 

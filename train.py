@@ -27,8 +27,8 @@ from utils import distributed
 from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, config_differences, config_to_dict,
                               list_snapshots, load_snapshot, load_weights, restore_rng_state, save_snapshot,
                               snapshot_path)
-from utils.cli import device_for, parse_with_overrides, report_errors
-from utils.dataset import RCCDataset, batches_per_epoch, eval_loader, train_batches
+from utils.cli import device_for, int_at_least, parse_with_overrides, report_errors
+from utils.dataset import RCCDataset, batches_per_epoch, check_feature_shape, eval_loader, train_batches
 from utils.device import autocast_context, describe, move_batch, select_device
 from utils.errors import UserError
 from utils.eval_utils import java_executable, load_references, score_captions
@@ -76,9 +76,9 @@ class StopRequest:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="YAML config merged over configs/defaults.py")
-    parser.add_argument("--gpu", type=int, default=None, help="CUDA device id (-1: CPU); overrides gpu_id")
+    parser.add_argument("--gpu", type=int_at_least(-1), default=None, help="CUDA device id (-1: CPU); overrides gpu_id")
     parser.add_argument("--resume", action="store_true", help="continue from the newest snapshot")
-    parser.add_argument("--resume_from", type=int, metavar="ITER", help="continue from the snapshot of ITER")
+    parser.add_argument("--resume_from", type=int_at_least(1), metavar="ITER", help="continue from the snapshot of ITER")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an experiment folder that holds snapshots (removes them and the logs)")
     parser.add_argument("--accept_config_changes", action="store_true",
@@ -107,14 +107,7 @@ def load_data(cfg, device):
               f"{cfg.data.vocab_json} has {len(train_set.vocab)} entries: using {len(train_set.vocab)}")
         cfg.model.speaker.vocab_size = len(train_set.vocab)
     cfg.freeze()
-    channels, height, width = train_set.feature_shape
-    if channels + 2 != cfg.model.change_detector.feat_dim:
-        raise TrainingError(f"features in {cfg.data.default_feature_dir} have {channels} channels, so "
-                            f"model.change_detector.feat_dim must be {channels + 2} (channels + 2 "
-                            f"coordinates), not {cfg.model.change_detector.feat_dim}")
-    if max(height, width) > cfg.model.change_detector.grid:
-        raise TrainingError(f"features in {cfg.data.default_feature_dir} have a {height}x{width} grid; "
-                            f"set model.change_detector.grid to at least {max(height, width)}")
+    check_feature_shape(cfg, train_set.feature_shape, cfg.data.feature_store or cfg.data.default_feature_dir)
     if cfg.data.train.batch_size > len(train_set):
         raise TrainingError(f"data.train.batch_size ({cfg.data.train.batch_size}) is larger than the "
                             f"{len(train_set)} ids of the train split; set it to at most {len(train_set)}")
@@ -125,14 +118,17 @@ def load_data(cfg, device):
 
 
 def build(cfg, device):
-    """The model, its optimiser and schedule, at iteration 0."""
+    """The model, its optimiser, schedule and gradient scaler, at iteration 0."""
     model = CaptionModel(cfg, recompute=cfg.train.recompute_attention).to(device)
     optim = cfg.train.optim
     optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                  eps=optim.eps, weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
-    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler,
-                           iteration=0, position=0, skipped_in_a_row=0)
+    # fp16 gradients underflow without loss scaling. Scaling by a power of two and unscaling before the
+    # step is exact in float32, so on the CPU (no autocast) an fp16 run computes what a float32 run does.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                           iteration=0, position=0, skipped_in_a_row=0, overflow_skips=0)
 
 
 def make_snapshot(state, cfg, vocab):
@@ -142,6 +138,8 @@ def make_snapshot(state, cfg, vocab):
         "cbr_state": state.model.cbr.state_dict(),
         "optimizer_state": state.optimizer.state_dict(),
         "scheduler_state": state.scheduler.state_dict(),
+        "scaler_state": state.scaler.state_dict(),  # {} unless train.amp is fp16
+        "overflow_skips": state.overflow_skips,
         "iteration": state.iteration,
         "data_position": state.position,  # batches drawn so far (a skipped batch draws one too)
         "rng_state": capture_rng_state(),
@@ -177,6 +175,9 @@ def restore(state, cfg, resume_from, accept_changes):
     load_weights(state.model.cbr, snapshot["cbr_state"], "cbr_state", path)
     state.optimizer.load_state_dict(snapshot["optimizer_state"])
     state.scheduler.load_state_dict(snapshot["scheduler_state"])
+    if snapshot.get("scaler_state"):  # snapshots of fp16 runs; older ones have none
+        state.scaler.load_state_dict(snapshot["scaler_state"])
+    state.overflow_skips = snapshot.get("overflow_skips", 0)
     restore_rng_state(snapshot["rng_state"])
     state.iteration = snapshot["iteration"]
     state.position = snapshot.get("data_position", state.iteration)  # snapshots older than the field
@@ -226,10 +227,15 @@ def train_step(state, train_model, batch, cfg, device, per_epoch):
         tqdm.write(message + "; batch skipped")
         return None
     state.skipped_in_a_row = 0
-    losses["total"].backward()
+    state.scaler.scale(losses["total"]).backward()
+    state.scaler.unscale_(state.optimizer)  # the true gradients, before clipping (a no-op unless fp16)
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.grad_clip)
-    state.optimizer.step()
+    scale = state.scaler.get_scale()
+    state.scaler.step(state.optimizer)  # skipped when a gradient overflowed in fp16
+    state.scaler.update()
+    if state.scaler.get_scale() < scale:  # the scaler backs off after an overflow, and only then
+        state.overflow_skips += 1
     with torch.no_grad():  # the logit scales of the losses' temperatures: 1/tau at most exp(max_logit_scale)
         for scale in state.model.logit_scales().values():
             scale.clamp_(max=cfg.train.max_logit_scale)
@@ -264,8 +270,13 @@ class Recorder:
         line = (f"iter {iteration}: total {values['total']:.4f} caption {values['caption']:.4f} "
                 f"cross_view {values['cross_view']:.4f} cross_modal {values['cross_modal']:.4f} "
                 f"lr {lr:.2e} {speed:.2f} it/s")
+        fp16 = {}
+        if self.state.scaler.is_enabled():
+            fp16 = {"loss_scale": self.state.scaler.get_scale(), "overflow_skips": self.state.overflow_skips}
+            line += f" loss scale {fp16['loss_scale']:g} ({fp16['overflow_skips']} steps skipped on fp16 overflow)"
         self.log.write({"iteration": iteration, "split": "train", **values, "lr": lr,
-                        **{f"logit_scale_{name}": value for name, value in scales.items()}, "it_per_s": speed}, line)
+                        **{f"logit_scale_{name}": value for name, value in scales.items()}, "it_per_s": speed,
+                        **fp16}, line)
         tqdm.write(line)
         self.dashboard.scalars(iteration, values, window="loss", title="losses")
         self.dashboard.scalars(iteration, scales, window="logit_scale", title="logit scales (log 1/tau)")

@@ -67,9 +67,20 @@ _C.data.h5_label_file = "data/transformer_labels.h5"  # encoded captions
 _C.data.type_mapping_json = "data/type_mapping.json"  # change type -> ["000123.png", ...]
 _C.data.anno_json = "data/total_change_captions_reformat.json"  # COCO ground truth for scoring
 _C.data.swap_prob = 0.5  # train only: chance to swap the default and distractor features [0, 1]
+_C.data.feature_store = ""  # "": read the three feature folders above; a .h5 file: read the feature store that scripts/pack_features.py packs (it holds all three sets, and the folders are not read)
 _C.data.in_memory = False  # load every feature file once and keep it in RAM (small data sets)
 _C.data.num_workers = -1  # DataLoader worker processes; 0 loads in the main process, -1: min(4, CPU cores) [-1, inf)
 _C.data.subset_seed = 0  # seed of the max_samples subsets (the same ids for every run and seed) [0, inf)
+
+_C.data.extraction = CN()  # how the features were extracted (scripts/extract_features.py); feature stores and folders record theirs, and the loader checks it against these
+_C.data.extraction.model = "resnet101"  # the torchvision ResNet
+_C.data.extraction.stage = 3  # the network is cut after layer<stage> [1, 4]
+_C.data.extraction.image_size = (224, 224)  # height and width the images are resized to (bicubic): 2 integers, each [1, inf)
+_C.data.extraction.weights = "imagenet"  # "imagenet", "random" (seeded, BatchNorm statistics re-estimated on the images) or a state-dict file
+_C.data.extraction.seed = 0  # seed of the random weights [0, inf)
+_C.data.extraction.output_grid = ()  # average-pool the grid to (H, W); () keeps the network's grid: 0 or 2 integers, each [1, inf)
+_C.data.extraction.append_color = False  # append 18 channels of colour statistics per grid cell (the CPU demo)
+_C.data.extraction.color_weight = 1.0  # factor on those colour channels [0, inf)
 
 _C.data.train = CN()
 _C.data.train.batch_size = 128  # scene ids per batch; each gives a changed and a distractor pair [1, inf)
@@ -91,7 +102,7 @@ _C.train.lambda_v = 0.1  # weight of the cross-view InfoNCE loss L_cv [0, inf)
 _C.train.lambda_m = 0.001  # weight of the cross-modal (CBR) InfoNCE loss L_cm [0, inf)
 _C.train.grad_clip = 0.0  # clip the global gradient norm to this; 0 disables [0, inf)
 _C.train.max_logit_scale = 4.605170185988092  # log(100): clamp of the logit scales after each step [0, inf)
-_C.train.amp = "none"  # "none", "bf16" or "fp16": autocast dtype, used on GPU only
+_C.train.amp = "none"  # "none", "bf16" or "fp16": autocast dtype on a GPU (the CPU runs float32); fp16 also scales the loss (a gradient scaler) and skips steps whose gradients overflow
 _C.train.beam_size = 1  # beam width of the validation captions (1 is greedy) [1, inf)
 _C.train.recompute_attention = False  # rebuild the attention blocks (encoder, CBR, decoder cross-attention) in backward instead of storing their activations: less memory, same results, slower
 _C.train.compile = False  # torch.compile the model (worth it on a GPU; the first steps compile, slowly)
@@ -100,7 +111,7 @@ _C.train.on_nonfinite_loss = "stop"  # "stop": end with an error at a NaN/Inf lo
 _C.train.optim = CN()
 _C.train.optim.type = "adam"  # only Adam is supported
 _C.train.optim.lr = 2e-4  # learning rate (0, inf)
-_C.train.optim.betas = (0.9, 0.999)  # Adam betas, each [0, 1)
+_C.train.optim.betas = (0.9, 0.999)  # Adam betas: 2 values, each [0, 1)
 _C.train.optim.eps = 1e-8  # Adam epsilon (0, inf)
 _C.train.optim.weight_decay = 0.0  # L2 penalty [0, inf)
 _C.train.optim.step_size = 15  # StepLR: epochs between learning-rate drops [1, inf)
@@ -119,6 +130,14 @@ def get_cfg_defaults():
     return _C.clone()
 
 
+def shipped_configs():
+    """The YAML files of configs/dynamic/ (paper, quick, demo), as paths relative to the working folder when
+    it is the repository root (the way the docs print them), else absolute."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dynamic")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".yaml"))
+    return [os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p for p in paths]
+
+
 # Keys whose value must be one of a few words.
 _CHOICES = {
     "model.change_detector.mtm": ("sum", "per_head"),
@@ -126,6 +145,7 @@ _CHOICES = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.on_nonfinite_loss": ("stop", "skip"),
     "train.optim.type": ("adam",),
+    "data.extraction.model": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
 }
 EXP_NAME = re.compile(r"[A-Za-z0-9+_.-]+")
 _RANGE = re.compile(r"([\[(])\s*(-inf|-?[0-9.e+-]+)\s*,\s*(inf|-?[0-9.e+-]+)\s*([\])])\s*$")
@@ -144,7 +164,25 @@ def _ranges_from_comments():
     return ranges
 
 
+_LENGTHS = re.compile(r"(\d+)(?: or (\d+))? (values|integers)")
+
+
+def _lengths_from_comments():
+    """{dotted key: (allowed lengths, integers only)} of the tuple keys, from the "N values", "N or M values" or
+    "N integers" of their comments."""
+    lengths = {}
+    with open(os.path.abspath(__file__)) as handle:
+        for line in handle:
+            match = re.match(r"_C\.([\w.]+) = \(.*#(.*)$", line.rstrip())
+            found = match and _LENGTHS.search(match.group(2))
+            if found:
+                lengths[match.group(1)] = (tuple(int(n) for n in found.groups()[:2] if n is not None),
+                                           found.group(3) == "integers")
+    return lengths
+
+
 RANGES = _ranges_from_comments()
+LENGTHS = _lengths_from_comments()
 
 
 class ConfigError(ValueError):
@@ -192,7 +230,8 @@ def _parse_value(text):
         return text
 
 
-def _get(cfg, key):
+def get_key(cfg, key):
+    """The value of a dotted key, e.g. get_key(cfg, "data.train.batch_size")."""
     for part in key.split("."):
         cfg = cfg[part]
     return cfg
@@ -215,11 +254,21 @@ def _range_text(low, low_closed, high, high_closed):
 def check_config(cfg):
     """ConfigError for a value outside its choices or range, or keys that contradict each other."""
     for key, allowed in _CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key} is {_get(cfg, key)!r}; it must be one of {', '.join(allowed)}")
+        if get_key(cfg, key) not in allowed:
+            raise ConfigError(f"{key} is {get_key(cfg, key)!r}; it must be one of {', '.join(allowed)}")
+    for key, (lengths, integers) in LENGTHS.items():
+        value = get_key(cfg, key)
+        kind = "integers" if integers else "values"
+        if len(value) not in lengths or integers and not all(isinstance(v, int) and not isinstance(v, bool)
+                                                             for v in value):
+            raise ConfigError(f"{key} is {value!r}; it must hold {' or '.join(map(str, lengths))} {kind} "
+                              f"(configs/defaults.py documents each key)")
     for key, bounds in RANGES.items():
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise ConfigError(f"{key} is {value!r}; it must hold numbers (configs/defaults.py documents "
+                                  f"each key)")
             if not _in_range(item, *bounds):
                 raise ConfigError(f"{key} is {value!r}; it must lie in {_range_text(*bounds)} "
                                   f"(configs/defaults.py documents each key)")

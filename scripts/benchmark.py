@@ -34,6 +34,7 @@ import torch
 
 from configs.defaults import ConfigError, load_config
 from models.captioner import CaptionModel
+from utils.cli import int_at_least
 from utils.device import autocast_context
 from utils.fileio import write_json_atomic
 from utils.text import END_ID, START_ID
@@ -50,12 +51,12 @@ class BenchmarkError(RuntimeError):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", default="configs/dynamic/transformer.yaml", help="model config (YAML)")
-    parser.add_argument("--batch_size", type=int, default=32, help="scene ids per training batch; pairs per generation batch")
-    parser.add_argument("--grid", type=int, default=14, help="feature grid H = W (N = grid^2 tokens)")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=32, help="scene ids per training batch; pairs per generation batch")
+    parser.add_argument("--grid", type=int_at_least(1), default=14, help="feature grid H = W (N = grid^2 tokens)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K")
-    parser.add_argument("--steps", type=int, default=3, help="timed repetitions after one warm-up")
+    parser.add_argument("--steps", type=int_at_least(1), default=3, help="timed repetitions after one warm-up")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype (CUDA only)")
-    parser.add_argument("--beam_size", type=int, default=1, help="beam width of the generation benchmark")
+    parser.add_argument("--beam_size", type=int_at_least(1), default=1, help="beam width of the generation benchmark")
     parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory_probe", choices=[f"{v}:{p}" for v in VARIANTS for p in ("train", "generate")],

@@ -24,7 +24,7 @@ import torch
 from configs.defaults import check_config, get_cfg_defaults, load_config, merge_dict
 from models.captioner import CaptionModel
 from utils.checkpoint import SnapshotError, config_to_dict, load_weights, save_snapshot, snapshot_path
-from utils.cli import parse_with_overrides, report_errors
+from utils.cli import int_at_least, parse_with_overrides, report_errors
 from utils.dataset import DataError, check_vocab
 from utils.fileio import read_json
 
@@ -127,7 +127,7 @@ def main(argv=None):
     parser.add_argument("--snapshot", required=True, help="the reference snapshot (.pt)")
     parser.add_argument("--cfg", required=True, help="config whose experiment folder receives the snapshot")
     parser.add_argument("--vocab_json", required=True, help="the vocabulary the reference model was trained with")
-    parser.add_argument("--iteration", type=int, help="iteration to file it under (default: from the file name)")
+    parser.add_argument("--iteration", type=int_at_least(0), help="iteration to file it under (default: from the file name)")
     args = parse_with_overrides(parser, argv)
 
     def run():

@@ -13,6 +13,7 @@ Run it with `make demo` (DEMO_SCENES=N scales it) or `python scripts/demo.py --n
 """
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 from configs.defaults import load_config
 from utils import synthetic_data
 from utils.assignment import missing_snippets
+from utils.cli import int_at_least
 from utils.errors import UserError
 from utils.fileio import read_json
 from utils.visdom_server import VisdomServerError, start_server, stop_server, wait_for_index
@@ -36,11 +38,24 @@ EXPERIMENT = "experiments/demo"
 TARGETS = {"CIDEr": 60.0, "no_change_rate": 0.90, "right_type_rate": 0.70}
 
 
+STOPPED = ("demo: stopped by Ctrl-C during stage '{stage}'. Run `make demo` again to go on: finished stages are "
+           "skipped and training resumes from its last snapshot")
+
+
 def run(command, stage):
     print(f"  $ {' '.join(command)}", flush=True)
-    result = subprocess.run(command, cwd=WORKDIR)
-    if result.returncode:
-        sys.exit(f"demo: stage '{stage}' failed (exit {result.returncode}); see the output above")
+    process = subprocess.Popen(command, cwd=WORKDIR)
+    while True:
+        try:
+            returncode = process.wait()
+            break
+        except KeyboardInterrupt:  # the stage got the Ctrl-C too: let it finish (train.py saves a snapshot)
+            continue
+    if returncode in (130, -signal.SIGINT):
+        print(STOPPED.format(stage=stage), file=sys.stderr)
+        sys.exit(130)
+    if returncode:
+        sys.exit(f"demo: stage '{stage}' failed (exit {returncode}); see the output above")
 
 
 def python(script, *args):
@@ -76,9 +91,9 @@ def best_iteration():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_scenes", type=int, default=2000, help="synthetic scenes to generate")
-    parser.add_argument("--max_iter", type=int, default=None, help="override the demo config's iterations")
-    parser.add_argument("--port", type=int, default=8097, help="visdom port")
+    parser.add_argument("--num_scenes", type=int_at_least(10), default=2000, help="synthetic scenes to generate")
+    parser.add_argument("--max_iter", type=int_at_least(1), default=None, help="override the demo config's iterations")
+    parser.add_argument("--port", type=int_at_least(1, 65535), default=8097, help="visdom port")
     parser.add_argument("--no_visdom", action="store_true", help="train without the dashboard")
     parser.add_argument("--workdir", default=ROOT, help="folder that receives data/demo and experiments/demo")
     args = parser.parse_args()
@@ -106,19 +121,15 @@ def main():
     stage("1. generate synthetic CLEVR-Change", lambda: synthetic_data.generated(data),
           lambda: run(synthetic_data.generate_command(DATA, args.num_scenes), "generate"))
 
-    weights = "imagenet" if synthetic_data.imagenet_weights_present() else "random"
-    print(f"\nfeatures use {weights} ResNet-101 weights"
-          + ("" if weights == "imagenet" else " (no ImageNet checkpoint in the torch hub cache)"))
     try:
         synthetic_data.check_feature_settings(
-            data, {"extract_features": list(synthetic_data.FEATURE_ARGS), "weights": weights},
-            "make clean-demo` (it removes data/demo and experiments/demo) and `make demo")
+            data, "make clean-demo` (it removes data/demo and experiments/demo) and `make demo")
     except UserError as err:
         sys.exit(f"demo: {err}")
     for images, features in synthetic_data.IMAGE_FOLDERS:
         stage(f"2. extract features {images} -> {features}",
               lambda: synthetic_data.extracted(data, images, features),
-              lambda: run(synthetic_data.extract_command(DATA, images, features, weights), "extract"))
+              lambda: run(synthetic_data.extract_command(DATA, images, features), "extract"))
 
     stage("3. preprocess captions", lambda: synthetic_data.preprocessed(data),
           lambda: run(synthetic_data.preprocess_command(DATA), "preprocess"))
@@ -183,4 +194,9 @@ def report_scores(path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # between stages
+        print("demo: stopped by Ctrl-C. Run `make demo` again to go on: finished stages are skipped",
+              file=sys.stderr)
+        sys.exit(130)

@@ -18,6 +18,7 @@ import sys
 import h5py
 import numpy as np
 
+from utils.cli import int_at_least
 from utils.dataset import DataError, check_splits
 from utils.errors import UserError
 from utils.fileio import read_json
@@ -164,7 +165,7 @@ def main(argv=None):
     parser.add_argument("--split_json", required=True)
     parser.add_argument("--output_vocab_json", required=True)
     parser.add_argument("--output_h5", required=True)
-    parser.add_argument("--word_count_threshold", type=int, default=0,
+    parser.add_argument("--word_count_threshold", type=int_at_least(0), default=0,
                         help="keep train words seen more than this many times; others -> <UNK>")
     args = parser.parse_args(argv)
     try:

@@ -19,7 +19,7 @@ import torch
 
 from configs.defaults import load_config
 from models.captioner import load_trained_model
-from utils.cli import parse_with_overrides, report_errors, snapshot_choice, snapshot_for
+from utils.cli import int_at_least, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
 from utils.dataset import RCCDataset
 
 
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--cfg", required=True, help="the config the snapshots were trained with")
     parser.add_argument("--snapshot", type=snapshot_choice, action="append", required=True,
                         help="an iteration, best or last; repeat the flag for several snapshots")
-    parser.add_argument("--scenes", type=int, default=50, help="scenes of the split, evenly spaced")
+    parser.add_argument("--scenes", type=int_at_least(1), default=50, help="scenes of the split, evenly spaced")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     args = parse_with_overrides(parser, argv)
     if args.scenes < 1:

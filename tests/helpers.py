@@ -1,4 +1,5 @@
 """Helpers the tests share: small model configs, the tiny data set, running the command-line tools."""
+import hashlib
 import json
 import os
 import subprocess
@@ -33,14 +34,24 @@ def small_cfg(*overrides):
     return load_config(None, base + [str(o) for o in overrides])
 
 
-def make_tiny_data(root, num_scenes=TINY_SCENES, seed=0):
-    """Generate, preprocess and extract a tiny data set under ``root``; returns its paths.
+def extraction_settings(**changes):
+    """data.extraction of the defaults with ``changes``, as the plain dict the extractor takes."""
+    from utils.extraction import settings_from_config
 
-    ResNet-18 layer3 features with random weights (64 x 64 input -> 256 x 4 x 4).
-    """
-    from scripts.extract_features import extract
+    cfg = get_cfg_defaults()
+    cfg.data.extraction.merge_from_list([item for key, value in changes.items() for item in (key, repr(value))])
+    return settings_from_config(cfg.data.extraction)
+
+
+# ResNet-18 layer3 features with random weights (64 x 64 input -> 256 x 4 x 4).
+TINY_EXTRACTION = {"model": "resnet18", "weights": "random", "image_size": (TINY_FEATURE_INPUT, TINY_FEATURE_INPUT)}
+
+
+def make_tiny_data(root, num_scenes=TINY_SCENES, seed=0):
+    """Generate, preprocess and extract (TINY_EXTRACTION) a tiny data set under ``root``; returns its paths."""
     from scripts.generate_synthetic_clevr import IMAGE_DIRS, generate
     from scripts.preprocess_captions_transformer import preprocess
+    from utils.extraction import extract
 
     root = str(root)
     generate(root, num_scenes, seed=seed, width=TINY_IMAGE[0], height=TINY_IMAGE[1], workers=1,
@@ -66,9 +77,8 @@ def make_tiny_data(root, num_scenes=TINY_SCENES, seed=0):
                paths["splits"], paths["vocab"], paths["h5"])
     for img, feat in (("images", "features"), ("sc_images", "sc_features"),
                       ("nsc_images", "nsc_features")):
-        extract(paths[img], paths[feat], batch_size=64, image_height=TINY_FEATURE_INPUT,
-                image_width=TINY_FEATURE_INPUT, model_name="resnet18", weights="random",
-                seed=seed, device="cpu", progress=False)
+        extract(paths[img], paths[feat], extraction_settings(**TINY_EXTRACTION, seed=seed), batch_size=64,
+                device="cpu", progress=False)
     return paths
 
 
@@ -86,6 +96,7 @@ def tiny_cfg(paths, **overrides):
     d.splits_json, d.vocab_json, d.h5_label_file = paths["splits"], paths["vocab"], paths["h5"]
     d.type_mapping_json, d.anno_json = paths["type_mapping"], paths["anno"]
     d.num_workers = 0
+    d.extraction.merge_from_list([item for key, value in TINY_EXTRACTION.items() for item in (key, repr(value))])
     d.train.batch_size = d.val.batch_size = d.test.batch_size = 4
 
     first = sorted(os.listdir(paths["features"]))[0]
@@ -106,6 +117,17 @@ def tiny_cfg(paths, **overrides):
     cfg.merge_from_list(pairs)
     cfg.freeze()
     return cfg
+
+
+def tree_digest(root):
+    """{relative path: sha256} of every file under root (to check that nothing changed)."""
+    digest = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                digest[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return digest
 
 
 def one_thread_env(**extra):

@@ -60,3 +60,20 @@ def test_benchmark_rejects_bad_arguments(capsys):
         benchmark.main(["--cfg", "configs/none.yaml"])
     assert exit_info.value.code == 2
     assert "configs/none.yaml does not exist" in capsys.readouterr().err
+
+
+def test_loader_benchmark_writes_distinct_files_packs_them_and_reports(tmp_path, capsys):
+    from scripts import benchmark_loader
+
+    scratch = tmp_path / "scratch"
+    benchmark_loader.main(["--scratch", str(scratch), "--scenes", "16", "--workers", "0", "--archive",
+                           "--cfg", "configs/dynamic/transformer_demo.yaml", "data.train.batch_size", "8"])
+    out = capsys.readouterr().out
+    assert "wrote 3 x 16 feature files of float32 (274, 7, 7)" in out
+    for layout in ("loose float32 files", "float16 store", "float32 store"):
+        assert f"{layout}: 16 scenes, batches of 8 in training order" in out
+    assert "packed from the archive as a stream into float16" in out
+    line = next(line for line in out.splitlines() if line.startswith("per image: "))
+    loose, half, full = (float(part.split()[-2]) for part in line[len("per image: "):].split(", "))
+    assert loose == 0.054 and half < full  # 274 x 7 x 7 x 4 bytes and a .npy header; the stores add their index
+    assert not scratch.exists()  # removed without --keep

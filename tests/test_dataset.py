@@ -229,3 +229,17 @@ def test_the_loader_says_what_it_uses(tiny_data, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("data: train split, 10 of 34 scene ids (color ")
     assert sum(int(n) for n in re.findall(r"(?:color|material|add|drop|move) (\d+)", line)) == 10
+
+
+def test_the_loader_benchmark_times_every_worker_count_cold_and_warm(tiny_data, tmp_path, capsys):
+    from tests.helpers import write_cfg
+    from utils.dataset import REFERENCE_SCENES_PER_S, main
+
+    main(["--cfg", write_cfg(tiny_cfg(tiny_data), tmp_path), "--benchmark", "--scenes", "8", "--workers", "0", "1"])
+    out = capsys.readouterr().out
+    assert "loading 8 scenes of the train split from the feature folders, batches of 4 in training order:" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("0", "cold"), ("0", "warm"), ("1", "cold"), ("1", "warm")]
+    for row in rows:  # 8 scenes of 3 float32 256 x 4 x 4 maps: 49,152 bytes a scene
+        assert abs(float(row[3]) - float(row[2]) * 49152 / 1e6) <= 1 + 0.01 * float(row[3])
+    assert f"consumes about {REFERENCE_SCENES_PER_S:.0f} scenes/s" in out and round(REFERENCE_SCENES_PER_S) == 178

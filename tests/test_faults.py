@@ -271,11 +271,29 @@ def test_every_numeric_key_documents_its_range():
         for key, value in node.items():
             if isinstance(value, dict):
                 yield from numeric_keys(value, prefix + key + ".")
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) or (
-                    isinstance(value, tuple) and all(isinstance(v, float) for v in value)):
+            elif isinstance(value, (int, float, tuple)) and not isinstance(value, bool):  # the tuples hold numbers
                 yield prefix + key
 
     assert sorted(numeric_keys(get_cfg_defaults())) == sorted(RANGES)
+
+
+def test_every_tuple_key_documents_its_length_and_wrong_lengths_stop(tiny_data, tmp_path):
+    from configs.defaults import LENGTHS, get_cfg_defaults
+
+    def tuple_keys(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from tuple_keys(value, prefix + key + ".")
+            elif isinstance(value, tuple):
+                yield prefix + key
+
+    assert sorted(tuple_keys(get_cfg_defaults())) == sorted(LENGTHS)
+    cfg = fast_cfg(tiny_data, tmp_path, "length")
+    for key, value, rule in (("train.optim.betas", "(0.9,)", "must hold 2 values"),
+                             ("data.extraction.image_size", "(224, 224, 3)", "must hold 2 integers"),
+                             ("data.extraction.output_grid", "(7.5, 7.5)", "must hold 0 or 2 integers")):
+        assert_cli_error(train_cli(cfg, tmp_path, key, value), key, rule, "configs/defaults.py")
+    assert not os.path.exists(tmp_path / "length")
 
 
 def test_a_batch_larger_than_the_split_is_an_error_not_a_smaller_batch(tiny_data, tmp_path):
@@ -469,8 +487,8 @@ def test_bad_input_fails_before_training(tiny_data, tmp_path):
               f"data.vocab_json = {tmp_path}/none/vocab.json does not exist; make it with: python "
               "scripts/preprocess_captions_transformer.py"),
              ({"data.val.max_samples": 0}, DataError, "split 'val' is empty (data.val.max_samples = 0"),
-             ({"model.change_detector.feat_dim": 100}, train.TrainingError,
-              "have 256 channels, so model.change_detector.feat_dim must be 258"),
+             ({"model.change_detector.feat_dim": 100}, DataError,
+              "has features of 256 channels, so model.change_detector.feat_dim must be 258"),
              ({"data.anno_json": str(tmp_path / "none" / "anno.json")}, EvalError, f"{tmp_path}/none/anno.json does not exist")]
     for overrides, error, message in cases:
         cfg = fast_cfg(tiny_data, tmp_path, "bad", **overrides)
@@ -524,13 +542,13 @@ def test_vocab_size_from_the_vocab_is_announced_once(tiny_data, tmp_path, capsys
 def test_unreadable_feature_in_a_loader_worker_keeps_the_plain_message(tiny_data, tmp_path):
     paths = copy_data(tiny_data, tmp_path, "features")
     dataset = RCCDataset(tiny_cfg(paths, **{"data.swap_prob": 0.0}), "val")
-    with open(dataset.feature_files[0][0], "wb") as handle:
+    with open(dataset.features.files[0][0], "wb") as handle:
         handle.write(b"\x93NUMPY broken")
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1)
     with pytest.raises(DataError) as caught:
         next(iter(loader))
     text = str(caught.value)
-    assert text.startswith(f"feature file {dataset.feature_files[0][0]} cannot be read")
+    assert text.startswith(f"feature file {dataset.features.files[0][0]} cannot be read")
     assert "Traceback" not in text and "re-run scripts/extract_features.py" in text
 
 

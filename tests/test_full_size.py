@@ -2,13 +2,19 @@
 change type as in the real splits.json, three feature folders of float32 1024 x 14 x 14 files.
 
 The feature files of a folder are hard links to one file (2.4 MB on disk instead of 96 GB; one file
-per folder because a file takes at most 65,000 links on ext4) and the images hard links to a small PNG. The test builds the labels with the assignment's preprocessing command
-and the reference captions with scripts/make_reference_captions.py, then indexes the loader, loads
-one batch of the quick config, and trains the quick config for three iterations. It prints the time
-of each step (pytest -s shows them).
+per folder because a file takes at most 65,000 links on ext4) and the images hard links to a small PNG.
+The test builds the labels with the assignment's preprocessing command and the reference captions with
+scripts/make_reference_captions.py, then indexes the loader, loads one batch of the quick config, and
+trains the quick config for three iterations. Then it writes the features archive of that layout
+(clevr_change_features.tar.gz: 119,409 members, 96 GB once decompressed; the features are zero but for
+one channel, so that it compresses to a few hundred MB), packs the quick config's float16 store out of
+it as a stream (17 GB written), and trains three iterations from the store. It prints the time of each
+step (pytest -s shows them) and needs about 18 GB of free disk.
 """
+import gzip
 import json
 import os
+import tarfile
 import time
 
 import numpy as np
@@ -49,7 +55,9 @@ def build_layout(root):
     data.mkdir(parents=True)
     for k, (images, features, pattern) in enumerate(FOLDERS):
         feature, image = data / f"{features}.npy", data / f"{images}.png"
-        np.save(feature, np.random.default_rng(k).standard_normal((1024, 14, 14)).astype(np.float32))
+        values = np.zeros((1024, 14, 14), np.float32)  # compressible, as an archive of it must be
+        values[k] = np.random.default_rng(k).standard_normal((14, 14))
+        np.save(feature, values)
         Image.new("RGB", (48, 32), (120, 120, 120)).save(image)
         (data / images).mkdir()
         (data / features).mkdir()
@@ -64,6 +72,22 @@ def build_layout(root):
                         ("type_mapping.json", {t: [f"{i:06d}.png" for i in types[t]] for t in CHANGE_TYPES})):
         (data / name).write_text(json.dumps(value))
     return splits
+
+
+def write_features_archive(data, path):
+    """data/clevr_change_features.tar.gz of the three feature folders, as `cd data && tar -czf ... features
+    sc_features nsc_features` would write it. Each folder's files are one file, so the archive is written
+    as concatenated gzip members (a valid .tar.gz) with each folder's compressed content made once."""
+    with open(path, "wb") as out:
+        for _, features, pattern in FOLDERS:
+            payload = (data / f"{features}.npy").read_bytes()
+            body = gzip.compress(payload + b"\0" * (-len(payload) % 512), compresslevel=6, mtime=0)
+            for name in sorted(os.listdir(data / features)):
+                info = tarfile.TarInfo(f"{features}/{name}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                out.write(gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT), mtime=0))
+                out.write(body)
+        out.write(gzip.compress(b"\0" * 1024, mtime=0))  # the end-of-archive blocks
 
 
 def test_full_size_layout_index_batch_and_three_iterations(tmp_path, capsys):
@@ -90,20 +114,21 @@ def test_full_size_layout_index_batch_and_three_iterations(tmp_path, capsys):
 
     quick = os.path.join(root, "configs/dynamic/transformer_quick.yaml")
     cpu = ["gpu_id", "-1", "data.num_workers", "2"]
+    loose = [*cpu, "data.feature_store", ""]  # the feature folders, not the store the quick config names
     # The quick config's train subset keeps every change type in its share of the split.
     done = timed("index the train split and iterate one epoch of 8,500 ids (python -m utils.dataset)",
-                 "-m", "utils.dataset", "--cfg", quick, *cpu)
+                 "-m", "utils.dataset", "--cfg", quick, *loose)
     line = next(line for line in done.stdout.splitlines() if line.startswith("data: train split"))
     assert line == "data: train split, 8,500 of 33,830 scene ids (color 1,699, material 1,701, add 1,701, " \
                    "drop 1,700, move 1,699)", line
     assert "first batch: d_feat (128, 1024, 14, 14)" in done.stdout
     done = timed("index the val split, first 400 ids (python -m utils.dataset)", "-m", "utils.dataset", "--cfg",
-                 quick, "--split", "val", "data.val.max_samples", "400", *cpu)
+                 quick, "--split", "val", "data.val.max_samples", "400", *loose)
     assert "400 of 1,988 scene ids (color 80, material 80, add 80, drop 80, move 80)" in done.stdout
 
     timed("train the quick config for 3 iterations (batch 128, paper model, CPU)",
           os.path.join(root, "train.py"), "--cfg", quick, "train.max_iter", "3", "train.snapshot_interval", "3",
-          "data.val.max_samples", "20", "logger.visdom", "False", *cpu)
+          "data.val.max_samples", "20", "logger.visdom", "False", *loose)
     snapshot = tmp_path / "experiments" / "SCORER+CBR_quick" / "snapshots" / "SCORER+CBR_quick_checkpoint_3.pt"
     assert snapshot.exists()
     # The assignment's literal test command, after the quick run on a machine without that GPU or
@@ -111,6 +136,21 @@ def test_full_size_layout_index_batch_and_three_iterations(tmp_path, capsys):
     assert_cli_error(run_cli(os.path.join(root, "test.py"), "--cfg", os.path.join(root, "configs/dynamic/transformer.yaml"),
                              "--snapshot", "10000", "--gpu", "-1", cwd=tmp_path),
                      "no snapshots in experiments/SCORER+CBR", "--snapshot best")
+    # The compact path: the quick config's store streamed out of the features archive, and training from it.
+    start = time.time()
+    archive = tmp_path / "data" / "clevr_change_features.tar.gz"
+    write_features_archive(tmp_path / "data", archive)
+    times[f"write clevr_change_features.tar.gz ({os.path.getsize(archive) / 1e6:.0f} MB)"] = time.time() - start
+    done = timed("pack the quick config's store from the archive (python scripts/pack_features.py)",
+                 os.path.join(root, "scripts/pack_features.py"), "--cfg", quick, "--from_archive",
+                 "data/clevr_change_features.tar.gz", *cpu)
+    store = tmp_path / "data" / "clevr_change_quick.h5"
+    assert f"wrote data/clevr_change_quick.h5: 14,473 scene ids x 3 images, float16 (1024, 14, 14)" in done.stdout
+    assert 17.0e9 < os.path.getsize(store) < 17.7e9
+    timed("train the quick config for 3 iterations from the store", os.path.join(root, "train.py"), "--cfg", quick,
+          "train.max_iter", "3", "train.snapshot_interval", "3", "data.val.max_samples", "20", "logger.visdom",
+          "False", "exp_name", "from_store", *cpu)
+    assert (tmp_path / "experiments" / "from_store" / "snapshots" / "from_store_checkpoint_3.pt").exists()
     with capsys.disabled():
         print("\nfull-size layout, seconds per step:")
         for what, seconds in times.items():

@@ -81,3 +81,71 @@ def test_missing_snapshot_lists_the_ones_that_exist(tiny_data, tmp_path):
     train.do_train(cfg)
     with pytest.raises(Exception, match=r"no snapshot for iteration 7.*available: 2"):
         test_script.run_test(cfg, 7)
+
+
+def overflowing_model(monkeypatch, at_calls):
+    """train.CaptionModel whose training loss is multiplied by 1e37 at the given forward calls (counted from 1):
+    finite, but its fp16 loss scale of 65536 makes the gradients overflow. Returns the call counter."""
+    calls = [0]
+
+    class Overflowing(train.CaptionModel):
+        def forward(self, *args, **kwargs):
+            losses = super().forward(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] in at_calls:
+                losses["total"] = losses["total"] * 1e37
+            return losses
+
+    monkeypatch.setattr(train, "CaptionModel", Overflowing)
+    return calls
+
+
+FP16 = dict(**SMALL_MODEL, **{"train.amp": "fp16", "train.log_interval": 1})
+
+
+def test_fp16_scaler_on_the_cpu_changes_nothing_in_float32(tiny_data, tmp_path):
+    # Loss scaling by a power of two, unscaled before the step, is exact: the same weights as without it.
+    common = dict(exp_dir=str(tmp_path), **SMALL_MODEL, **{"train.max_iter": 2, "train.snapshot_interval": 2})
+    plain = tiny_cfg(tiny_data, exp_name="plain", **common)
+    scaled = tiny_cfg(tiny_data, exp_name="scaled", **common, **{"train.amp": "fp16"})
+    train.do_train(plain)
+    train.do_train(scaled)
+    a, b = weights(snapshot_path(plain, 2)), weights(snapshot_path(scaled, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_snapshot(snapshot_path(scaled, 2))["scaler_state"]["scale"] == 65536.0
+    assert load_snapshot(snapshot_path(plain, 2))["scaler_state"] == {}
+
+
+def test_fp16_overflow_skips_the_step_lowers_the_scale_and_is_logged(tiny_data, tmp_path, monkeypatch):
+    overflowing_model(monkeypatch, at_calls={2})
+    cfg = tiny_cfg(tiny_data, exp_dir=str(tmp_path), exp_name="overflow",
+                   **{**FP16, "train.max_iter": 3, "train.snapshot_interval": 1})
+    train.do_train(cfg)
+    one, two, three = (load_snapshot(snapshot_path(cfg, i)) for i in (1, 2, 3))
+    w1, w2, w3 = (weights(snapshot_path(cfg, i)) for i in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # step 2 overflowed: no update
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained again
+    assert [s["scaler_state"]["scale"] for s in (one, two, three)] == [65536.0, 32768.0, 32768.0]
+    assert [s["overflow_skips"] for s in (one, two, three)] == [0, 1, 1]
+    records = train_losses(cfg)
+    assert [(r["iteration"], r["loss_scale"], r["overflow_skips"]) for r in records] == \
+        [(1, 65536.0, 0), (2, 32768.0, 1), (3, 32768.0, 1)]
+    log = (tmp_path / "overflow" / "train_log.txt").read_text()
+    assert "iter 2:" in log and "loss scale 32768 (1 steps skipped on fp16 overflow)" in log
+
+
+def test_fp16_run_stopped_and_resumed_keeps_its_scale(tiny_data, tmp_path, monkeypatch):
+    common = dict(exp_dir=str(tmp_path), **{**FP16, "train.max_iter": 4, "train.snapshot_interval": 2})
+    calls = overflowing_model(monkeypatch, at_calls={1})
+    straight = tiny_cfg(tiny_data, exp_name="straight", **common)
+    train.do_train(straight)
+    calls[0] = 0
+    first = tiny_cfg(tiny_data, exp_name="resumed", **{**common, "train.max_iter": 2})
+    train.do_train(first)
+    resumed = tiny_cfg(tiny_data, exp_name="resumed", **common)
+    train.do_train(resumed, resume=True, accept_changes=True)  # max_iter 2 -> 4
+    a, b = (load_snapshot(snapshot_path(c, 4)) for c in (straight, resumed))
+    assert a["scaler_state"] == b["scaler_state"] and a["scaler_state"]["scale"] == 32768.0
+    assert a["scaler_state"]["_growth_tracker"] == 3 and b["overflow_skips"] == 1
+    wa, wb = weights(snapshot_path(straight, 4)), weights(snapshot_path(resumed, 4))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import yaml
 
+from configs.defaults import get_cfg_defaults
 from utils.errors import UserError
 
 SNAPSHOT_KEYS = ("change_detector_state", "speaker_state", "cbr_state", "optimizer_state",
@@ -123,16 +124,22 @@ def snapshot_bytes(snapshot):
     return total
 
 
-def config_differences(stored, cfg, prefix=""):
-    """["key: stored -> now", ...] between a snapshot's config (plain dict) and cfg, except RESUME_MAY_CHANGE."""
+def config_differences(stored, cfg, prefix="", defaults=None):
+    """["key: stored -> now", ...] between a snapshot's config (plain dict) and cfg, except RESUME_MAY_CHANGE.
+
+    A key the snapshot lacks (it is older than the key) counts as a difference only when cfg's value is
+    not the default, which is what the older code did.
+    """
+    defaults = get_cfg_defaults() if defaults is None else defaults
     found = []
     for key, value in cfg.items():
         name = prefix + key
         if name.startswith(RESUME_MAY_CHANGE) or name in RESUME_MAY_CHANGE:
             continue
-        old = stored.get(key, "<absent>") if isinstance(stored, dict) else "<absent>"
+        absent = not isinstance(stored, dict) or key not in stored
+        old = value if absent and value == defaults.get(key) else "<absent>" if absent else stored[key]
         if isinstance(value, dict):
-            found += config_differences(old if isinstance(old, dict) else {}, value, name + ".")
+            found += config_differences(old if isinstance(old, dict) else {}, value, name + ".", defaults.get(key, {}))
         elif (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, (list, tuple)) else value):
             found.append(f"{name}: {old!r} -> {value!r}")
     return found

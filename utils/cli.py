@@ -1,5 +1,6 @@
 """What the command-line tools share: flags anywhere among the KEY VALUE overrides, one-line errors."""
 import argparse
+import math
 import shlex
 import sys
 
@@ -28,9 +29,54 @@ def snapshot_choice(text):
     if text in ("best", "last"):
         return text
     try:
-        return int(text)
+        iteration = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an iteration, 'best' or 'last', got {text!r}") from None
+        iteration = -1
+    if iteration < 0:
+        raise argparse.ArgumentTypeError(f"expected an iteration (0 or more), 'best' or 'last', got {text!r}")
+    return iteration
+
+
+def int_at_least(low, high=None):
+    """An argparse type: an integer >= low (and <= high when given), else a usage error naming the range."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and at most {high}" if high is not None
+                                                                           else "") + f", got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def number_at_least(low, above=False):
+    """An argparse type: a finite number >= low (> low when ``above``), else a usage error naming the range."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if above else 'at least'} {low:g}, got {text}")
+        return value
+    parse.__name__ = f"number >= {low:g}"
+    return parse
+
+
+def parse_grid(text):
+    """An argparse type: a grid size, N or HxW with positive integers, as (H, W)."""
+    try:
+        sizes = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive integers (e.g. 7 or 7x7), got {text!r}")
+    return tuple(sizes)
 
 
 def report_errors(run, *args, **kwargs):

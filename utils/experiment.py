@@ -4,21 +4,17 @@ A training run owns its folder for its whole life (a lock file), refuses to star
 it did not write unless told to resume or to overwrite, removes the temporary files of killed
 writes, and keeps metrics.jsonl and train_log.txt to one record per iteration across resumes.
 """
-import fcntl
 import glob
 import json
 import os
 import re
 import shutil
-import socket
-import time
 
-from configs.defaults import ConfigError, load_config
+from configs.defaults import ConfigError, load_config, shipped_configs
 from utils.checkpoint import list_snapshots, snapshot_dir
 from utils.errors import UserError
-from utils.fileio import write_json_atomic, write_text_atomic
+from utils.fileio import FileLock, write_json_atomic, write_text_atomic
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dynamic")
 # What a training run writes into its folder (--overwrite removes them first).
 OUTPUTS = ("snapshots", "eval_sents", "test_output", "figures", "report", "best_snapshot.json", "metrics.jsonl",
            "train_log.txt", "config.yaml")
@@ -52,16 +48,6 @@ def check_free_space(folder, needed_bytes):
                               f"{needed_bytes / 2**20:.0f} MiB; free some space or set exp_dir to another disk")
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Experiment:
     """The folder of one training run, owned for the run's life (use it as a context manager).
 
@@ -73,49 +59,22 @@ class Experiment:
         self.cfg = cfg
         self.root = experiment_root(cfg)
         self.resuming, self.overwrite, self.config_file = resuming, overwrite, config_file
-        self.lock_path = os.path.join(self.root, ".lock")
-        self._lock = None
+        self._lock = FileLock(os.path.join(self.root, ".lock"), f"the experiment folder {self.root}",
+                              "another training run", "wait for it to end, or train under another exp_name", ExperimentError)
 
     def __enter__(self):
         check_writable(self.root)
-        self._acquire_lock()
+        self._lock.acquire()
         try:
             self._remove_temporary_files()
             self._check_earlier_outputs()
         except BaseException:
-            self._release_lock()
+            self._lock.release()
             raise
         return self
 
     def __exit__(self, *exc):
-        self._release_lock()
-
-    def _acquire_lock(self):
-        handle = open(self.lock_path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process that has not written its id yet"
-            handle.close()
-            raise ExperimentError(f"the experiment folder {self.root} is in use by another training run "
-                                  f"({holder}); wait for it to end, or train under another exp_name") from None
-        handle.seek(0)
-        previous = re.match(r"process (\d+)", handle.read())
-        if previous and int(previous.group(1)) != os.getpid():
-            state = "which no longer runs" if not _pid_alive(int(previous.group(1))) else "which let go of it"
-            print(f"note: {self.lock_path} was left by process {previous.group(1)}, {state}; taking it over")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        self._lock = handle
-
-    def _release_lock(self):
-        if self._lock is not None:
-            os.remove(self.lock_path)  # before unlocking: a run that starts now finds no stale holder
-            self._lock.close()
-            self._lock = None
+        self._lock.release()
 
     def _remove_temporary_files(self):
         """Leftovers of writes cut short by a kill (atomic writes go through *.tmp* files)."""
@@ -219,7 +178,7 @@ def write_best(root, best):
 def _other_experiments(cfg, config_file):
     """[(config file, root, iterations, best)] of the shipped configs whose experiment has snapshots."""
     found = []
-    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))):
+    for path in shipped_configs():
         if config_file and os.path.abspath(path) == os.path.abspath(config_file):
             continue
         try:

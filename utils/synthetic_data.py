@@ -5,22 +5,18 @@ extract features from the three image folders (scripts/extract_features.py), bui
 vocabulary and label file (scripts/preprocess_captions_transformer.py). The folder gets the
 layout of DATA.md, and data_overrides() points a config at it.
 """
-import json
 import os
 import sys
 
+from configs.defaults import load_config
 from utils.errors import UserError
+from utils.extraction import describe_settings, read_stamp, settings_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RENDER_SIZE = ("128", "96")  # width, height of the rendered images
-# Random-weight ResNet-101 features (no ImageNet weights offline) keep shape only in the early
-# stages: layer1 on a 112 x 112 input (28 x 28 grid), averaged down to 7 x 7 for CPU speed, plus 18
-# channels of colour statistics per cell (--append_color), which random filters keep too weakly to
-# tell a changed colour from a changed light. Weighted 3 to 1 against the 256 ResNet channels,
-# they let the model learn colour changes in about 800 steps instead of 1,400 (configs/dynamic/
-# transformer_demo.yaml says how that was measured).
-FEATURE_ARGS = ("--image_height", "112", "--image_width", "112", "--model_stage", "1", "--output_grid", "7",
-                "--append_color", "--color_weight", "3")
+# The demo's feature extraction settings live in its config (data.extraction): random-weight ResNet-101
+# layer1 pooled to 7 x 7, plus colour channels (configs/dynamic/transformer_demo.yaml says why).
+DEMO_CONFIG = os.path.join(ROOT, "configs", "dynamic", "transformer_demo.yaml")
 IMAGE_FOLDERS = (("images", "features"), ("sc_images", "sc_features"), ("nsc_images", "nsc_features"))
 # Config key -> file or folder name inside a data folder.
 DATA_FILES = {"data.default_img_dir": "images", "data.semantic_img_dir": "sc_images",
@@ -46,9 +42,10 @@ def generate_command(folder, num_scenes, seed=0, viewpoint_shift=1.0):
     return command
 
 
-def extract_command(folder, images, features, weights):
+def extract_command(folder, images, features):
+    """Extraction with the demo config's data.extraction settings."""
     return script("extract_features.py", "--input_image_dir", f"{folder}/{images}", "--output_dir",
-                  f"{folder}/{features}", "--batch_size", "50", *FEATURE_ARGS, "--weights", weights)
+                  f"{folder}/{features}", "--batch_size", "50", "--cfg", DEMO_CONFIG)
 
 
 def preprocess_command(folder):
@@ -66,42 +63,31 @@ def generated(folder):
 
 def extracted(folder, images, features):
     feature_dir = os.path.join(folder, features)
-    return os.path.isdir(feature_dir) and len(os.listdir(feature_dir)) >= len(os.listdir(os.path.join(folder, images)))
+    return os.path.isdir(feature_dir) and (sum(name.endswith(".npy") for name in os.listdir(feature_dir))
+                                           >= len(os.listdir(os.path.join(folder, images))))
 
 
 def preprocessed(folder):
     return os.path.exists(os.path.join(folder, "transformer_labels.h5"))
 
 
-def imagenet_weights_present():
-    """True when torchvision's ResNet-101 ImageNet checkpoint is already in the torch hub cache."""
-    import torch
-    from torchvision.models import ResNet101_Weights
+def check_feature_settings(folder, clean_command):
+    """The feature folders under ``folder`` hold features of the demo config's settings, or none yet.
 
-    file_name = os.path.basename(ResNet101_Weights.IMAGENET1K_V1.url)
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", file_name))
-
-
-def check_feature_settings(folder, settings, clean_command):
-    """Features on disk must come from these extraction settings (an older checkout used others).
-
-    The settings are stamped next to the data before the first feature is written, so an interrupted
-    extraction resumes; features without a matching stamp are a UserError naming clean_command.
+    scripts/extract_features.py records a folder's settings in its extraction.json and refuses to add
+    others; a folder with features but another record, or none (an older checkout), is a UserError
+    naming clean_command.
     """
-    stamp = os.path.join(folder, "feature_settings.json")
-    found = None
-    if os.path.exists(stamp):
-        with open(stamp) as handle:
-            found = json.load(handle)
-    elif not any(os.path.isdir(os.path.join(folder, f)) and os.listdir(os.path.join(folder, f))
-                 for _, f in IMAGE_FOLDERS):
-        os.makedirs(folder, exist_ok=True)
-        with open(stamp, "w") as handle:
-            json.dump(settings, handle, indent=1)
-        return
-    if found != settings:
-        raise UserError(f"the features under {folder} were made with other settings ({found or 'unknown'}; "
-                        f"these use {settings}). Run `{clean_command}` and start again")
+    expected = settings_from_config(load_config(DEMO_CONFIG).data.extraction)
+    for _, features in IMAGE_FOLDERS:
+        path = os.path.join(folder, features)
+        if not os.path.isdir(path) or not any(name.endswith(".npy") for name in os.listdir(path)):
+            continue
+        found = read_stamp(path)
+        if found != expected:
+            raise UserError(f"the features in {path} were made with other settings "
+                            f"({describe_settings(found) if found else 'unknown: no extraction.json'}; the demo "
+                            f"uses {describe_settings(expected)}). Run `{clean_command}` and start again")
 
 
 def data_overrides(folder):
