@@ -1,7 +1,7 @@
 """Score generated change captions and report the best snapshot.
 
     python evaluate.py --results_dir ./experiments/SCORER+CBR/eval_sents \
-        --anno ./data/total_change_captions_reformat.json --type_file ./data/type_mapping.json
+        [--anno ./data/total_change_captions_reformat.json --type_file ./data/type_mapping.json]
 
 Every folder under --results_dir holding sc_results.json (captions of changed pairs, image ids
 "000123.png") and nsc_results.json (captions of distractor pairs, "000123.png_n") is scored:
@@ -12,6 +12,10 @@ synthetic generator writes next to the annotations) also the object-level score 
 utils/object_score.py: whether each changed pair's caption names the object that changed and its
 new value. Then the best value of each metric across folders. Writes eval_results.txt (tables)
 and eval_results.json into --results_dir and prints the tables.
+
+--anno and --type_file default to the files the experiment was trained with (data.anno_json and
+data.type_mapping_json of its config.yaml) when --results_dir is an experiment's eval_sents or
+test_output/captions.
 """
 import argparse
 import glob
@@ -20,13 +24,16 @@ import re
 import sys
 import time
 
+import yaml
+
+from configs.defaults import get_cfg_defaults
 from utils.eval_utils import (CHANGE_TYPES, SCORERS, CaptionScorer, EvalError, change_detection,
                               load_references, load_results, load_type_mapping)
 from utils.cli import command_with
 from utils.fileio import write_json_atomic, write_text_atomic
+from utils.layout import CAPTION_FILES, ExperimentLayout
 from utils.object_score import FIGURES, load_scenes, object_scores
 
-RESULT_FILES = ("sc_results.json", "nsc_results.json")
 SPLITS = ("semantic",) + CHANGE_TYPES + ("non_semantic", "total")
 OUTPUT_FILES = ("eval_results.txt", "eval_results.json")
 SCENES_FILE = "scenes.json"  # the synthetic generator's scene truth, next to the annotations
@@ -49,39 +56,125 @@ def _sibling_results(results_dir):
     return []
 
 
+# The flags evaluate.py can take from an experiment's config.yaml: flag -> (config key, what the file is).
+DATA_FLAGS = {"anno": ("anno_json", "annotation file"), "type_file": ("type_mapping_json", "type file")}
+
+
+def experiment_files(results_dir):
+    """{"anno", "type_file", "config"}: the files the config.yaml of the experiment holding results_dir (its
+    eval_sents or test_output/captions) names, or None when results_dir is elsewhere or has no readable config."""
+    root = ExperimentLayout.root_of_results(results_dir)
+    return None if root is None else _config_files(root)
+
+
+def _config_files(root):
+    """{"anno", "type_file", "config"} of the config.yaml in experiment folder ``root``, or None."""
+    config = ExperimentLayout(root, os.path.basename(root)).config
+    try:
+        with open(config) as handle:
+            data = yaml.safe_load(handle)["data"]
+        files = {flag: str(data[key]) for flag, (key, _) in DATA_FLAGS.items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return {**files, "config": _shown(config)}
+
+
+def _shown(path):
+    """path relative to the working folder when it lies inside it, else absolute (for messages)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _with_experiment_files(argv, results_dir):
+    """The evaluate.py command of argv for results_dir, with the annotation and type files of its experiment's
+    config when that config names files that exist."""
+    files = experiment_files(results_dir)
+    flags = {"results_dir": results_dir}
+    if files is not None and all(os.path.isfile(files[flag]) for flag in DATA_FLAGS):
+        flags.update({flag: files[flag] for flag in DATA_FLAGS})
+    return command_with("evaluate.py", argv, **flags)
+
+
+def _configured_files(results_dir):
+    """[(config.yaml, files)] of the experiments beside results_dir's (or in the default exp_dir) whose config
+    names files that exist."""
+    root = ExperimentLayout.root_of_results(results_dir)
+    exp_dir = os.path.dirname(root) if root is not None else get_cfg_defaults().exp_dir
+    found = []
+    for folder in sorted(glob.glob(os.path.join(exp_dir, "*", ""))):
+        files = _config_files(os.path.normpath(folder))
+        if files is not None and all(os.path.isfile(files[flag]) for flag in DATA_FLAGS):
+            found.append((files["config"], files))
+    return found
+
+
+def data_files(results_dir, anno, type_file, argv=()):
+    """(annotation file, type file): as given, else those of the config.yaml of results_dir's experiment.
+    A file that is not given and cannot be taken from a config, or that does not exist, is an EvalError that
+    names the files the experiments' configs point to and the command that works."""
+    given = {"anno": anno, "type_file": type_file}
+    own = experiment_files(results_dir)
+    chosen = {flag: path if path is not None else own and own[flag] for flag, path in given.items()}
+    problems = []
+    unknown = [f"--{flag}" for flag, path in chosen.items() if path is None]
+    if unknown:
+        verb, pronoun = ("is", "it") if len(unknown) == 1 else ("are", "them")
+        problems.append(f"{' and '.join(unknown)} {verb} needed ({results_dir} is not in an experiment folder with a "
+                        f"config.yaml to take {pronoun} from)")
+    for flag, (key, what) in DATA_FLAGS.items():
+        path = chosen[flag]
+        if path is not None and not os.path.isfile(path):
+            origin = f"--{flag}" if given[flag] is not None else f"data.{key} of {own['config']}"
+            problems.append(f"{what} {path} ({origin}) does not exist")
+    if not problems:
+        return chosen["anno"], chosen["type_file"]
+    message = "; ".join(problems)
+    if own is not None and all(os.path.isfile(own[flag]) for flag in DATA_FLAGS):
+        message += (f". The experiment was trained with the files of {own['config']}: "
+                    f"{command_with('evaluate.py', argv, **{flag: own[flag] for flag in DATA_FLAGS})}")
+    else:
+        named = _configured_files(results_dir)
+        if named:
+            message += ". The experiments' configs point to: " + "; ".join(
+                f"{config}: --anno {files['anno']} --type_file {files['type_file']}" for config, files in named)
+        else:
+            message += (". Give the data.anno_json and data.type_mapping_json of the config you trained with, "
+                        "e.g. --anno data/total_change_captions_reformat.json --type_file data/type_mapping.json")
+    raise EvalError(message)
+
+
 def find_result_folders(results_dir, argv=()):
     """Folders under results_dir (relative paths, "." for itself) holding both result files."""
     if not os.path.isdir(results_dir):
         others = _sibling_results(results_dir)
         hint = ""
         if others:
-            hint = ("; these experiments have one: " + "; ".join(
-                command_with("evaluate.py", argv, results_dir=path) for path in others))
+            hint = "; these experiments have one: " + "; ".join(_with_experiment_files(argv, path) for path in others)
         raise EvalError(f"results folder {results_dir} does not exist{hint}")
     folders = []
     for root, dirs, files in os.walk(results_dir):
         dirs.sort()
-        present = [name for name in RESULT_FILES if name in files]
+        present = [name for name in CAPTION_FILES if name in files]
         if not present:
             continue
-        missing = [name for name in RESULT_FILES if name not in files]
+        missing = [name for name in CAPTION_FILES if name not in files]
         if missing:
             raise EvalError(f"{root} has {present[0]} but no {missing[0]}; every results "
-                            f"folder needs both {RESULT_FILES[0]} and {RESULT_FILES[1]}")
+                            f"folder needs both {CAPTION_FILES[0]} and {CAPTION_FILES[1]}")
         folders.append(os.path.relpath(root, results_dir))
     if not folders:
         raise EvalError(f"no results found in {results_dir}: expected folders holding "
-                        f"{RESULT_FILES[0]} and {RESULT_FILES[1]} (written by train.py "
+                        f"{CAPTION_FILES[0]} and {CAPTION_FILES[1]} (written by train.py "
                         f"under eval_sents/ and by test.py under test_output/captions/)")
     return sorted(folders, key=_natural_key)
 
 
 def _load_folder(results_dir, folder, references, image_types):
     path = os.path.join(results_dir, folder)
-    sc_file, nsc_file = (os.path.join(path, name) for name in RESULT_FILES)
+    sc_file, nsc_file = (os.path.join(path, name) for name in CAPTION_FILES)
     sc, nsc = load_results(sc_file), load_results(nsc_file)
     if not sc and not nsc:
-        raise EvalError(f"{path}: both {RESULT_FILES[0]} and {RESULT_FILES[1]} are empty")
+        raise EvalError(f"{path}: both {CAPTION_FILES[0]} and {CAPTION_FILES[1]} are empty")
     for file, results, distractor in ((sc_file, sc, False), (nsc_file, nsc, True)):
         for image_id in results:
             if image_id.endswith("_n") != distractor:
@@ -227,10 +320,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Score generated change captions.")
     parser.add_argument("--results_dir", required=True,
                         help="folder whose subfolders hold sc_results.json and nsc_results.json")
-    parser.add_argument("--anno", required=True,
-                        help="COCO ground truth, e.g. data/total_change_captions_reformat.json")
-    parser.add_argument("--type_file", required=True,
-                        help="change type of every image, e.g. data/type_mapping.json")
+    parser.add_argument("--anno", default=None,
+                        help="COCO ground truth, e.g. data/total_change_captions_reformat.json (default: data.anno_json "
+                             "of the experiment's config.yaml, when --results_dir is inside an experiment folder)")
+    parser.add_argument("--type_file", default=None,
+                        help="change type of every image, e.g. data/type_mapping.json (default: "
+                             "data.type_mapping_json of the experiment's config.yaml, likewise)")
     parser.add_argument("--scenes", default=None,
                         help=f"scene truth for the object-level score, e.g. data/demo/{SCENES_FILE} (default: "
                              f"the {SCENES_FILE} next to --anno, when there is one; the real data has none)")
@@ -238,8 +333,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        scenes = args.scenes if args.scenes is not None else scenes_beside(args.anno)
-        report = evaluate_dir(args.results_dir, args.anno, args.type_file, argv=argv, scenes=scenes)
+        find_result_folders(args.results_dir, argv)  # a wrong --results_dir is the first thing to say
+        anno, type_file = data_files(args.results_dir, args.anno, args.type_file, argv)
+        scenes = args.scenes if args.scenes is not None else scenes_beside(anno)
+        report = evaluate_dir(args.results_dir, anno, type_file, argv=argv, scenes=scenes)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,17 +7,17 @@
 "last". Writes <exp_dir>/<exp_name>/test_output/captions/<split>/{sc,nsc}_results.json.
 """
 import argparse
-import os
 import sys
 
 from tqdm import tqdm
 
 from configs.defaults import load_config
-from models.captioner import generate_captions, load_trained_model
+from models.loading import load_trained_model
+from utils.captioning import generate_captions, write_captions
 from utils.cli import device_for, int_at_least, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
 from utils.dataset import RCCDataset, eval_loader
 from utils.device import select_device
-from utils.fileio import write_json_atomic
+from utils.layout import ExperimentLayout
 
 
 def parse_args(argv=None):
@@ -31,19 +31,18 @@ def parse_args(argv=None):
     return parse_with_overrides(parser, argv)
 
 
-def run_test(cfg, iteration, beam_size=1, split="test"):
-    """Captions of the split by snapshot ``iteration``; returns the folder they were written to."""
-    device = select_device(cfg.gpu_id)
+def run_test(cfg, iteration, beam_size=1, split="test", device=None):
+    """Captions of the split by snapshot ``iteration`` on ``device`` (None: the one cfg.gpu_id names);
+    returns the folder they were written to."""
+    device = device or select_device(cfg.gpu_id)
     print(f"device: {device}")
     model, idx_to_word, cfg = load_trained_model(cfg, iteration, device)
     dataset = RCCDataset(cfg, split)
     with tqdm(total=len(dataset), desc=f"captioning {split}", unit="scene") as progress:
         sc_results, nsc_results = generate_captions(model, eval_loader(dataset, cfg, device), idx_to_word, device,
                                                     beam_size=beam_size, amp=cfg.train.amp, progress=progress)
-    out_dir = os.path.join(cfg.exp_dir, cfg.exp_name, "test_output", "captions", split)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic(os.path.join(out_dir, "sc_results.json"), sc_results)
-    write_json_atomic(os.path.join(out_dir, "nsc_results.json"), nsc_results)
+    out_dir = ExperimentLayout.of(cfg).test_captions_of(split)
+    write_captions(out_dir, sc_results, nsc_results)
     print(f"wrote {len(sc_results)} + {len(nsc_results)} captions of snapshot {iteration} to {out_dir}")
     return out_dir
 
@@ -54,8 +53,8 @@ def main(argv=None):
 
     def run():
         cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        device_for(cfg, "test.py", argv)
-        run_test(cfg, snapshot_for(cfg, args.snapshot, args.cfg, "test.py", argv), args.beam_size, args.split)
+        device = device_for(cfg, "test.py", argv)
+        run_test(cfg, snapshot_for(cfg, args.snapshot, args.cfg, "test.py", argv), args.beam_size, args.split, device)
 
     report_errors(run)
 

@@ -10,7 +10,6 @@ SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the run after the current step, with a s
 """
 import argparse
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -22,24 +21,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from configs.defaults import load_config
-from models.captioner import CaptionModel, generate_captions
+from models.training import TrainingError, build, train_step
 from utils import distributed
+from utils.captioning import generate_captions, write_captions
 from utils.checkpoint import (SNAPSHOT_KEYS, SnapshotError, capture_rng_state, config_differences, config_to_dict,
                               list_snapshots, load_snapshot, load_weights, restore_rng_state, save_snapshot,
                               snapshot_path)
 from utils.cli import device_for, int_at_least, parse_with_overrides, report_errors
 from utils.dataset import RCCDataset, batches_per_epoch, check_feature_shape, eval_loader, train_batches
-from utils.device import autocast_context, describe, move_batch, select_device
-from utils.errors import UserError
+from utils.device import describe, move_batch, select_device
 from utils.eval_utils import java_executable, load_references, score_captions
 from utils.experiment import Experiment, check_free_space, write_best
-from utils.fileio import write_json_atomic, write_text_atomic
+from utils.fileio import write_text_atomic
 from utils.logger import Dashboard
 from utils.utils import set_seed
-
-
-class TrainingError(UserError):
-    """Training cannot go on; the message says why and what to do."""
 
 
 class StopRequest:
@@ -117,20 +112,6 @@ def load_data(cfg, device):
                            references=references, per_epoch=batches_per_epoch(train_set, cfg)), cfg
 
 
-def build(cfg, device):
-    """The model, its optimiser, schedule and gradient scaler, at iteration 0."""
-    model = CaptionModel(cfg, recompute=cfg.train.recompute_attention).to(device)
-    optim = cfg.train.optim
-    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                 eps=optim.eps, weight_decay=optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
-    # fp16 gradients underflow without loss scaling. Scaling by a power of two and unscaling before the
-    # step is exact in float32, so on the CPU (no autocast) an fp16 run computes what a float32 run does.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                           iteration=0, position=0, skipped_in_a_row=0, overflow_skips=0)
-
-
 def make_snapshot(state, cfg, vocab):
     return {
         "change_detector_state": state.model.change_detector.state_dict(),
@@ -202,60 +183,17 @@ def for_training(model, cfg, device):
     return torch.compile(model) if cfg.train.compile else model
 
 
-def train_step(state, train_model, batch, cfg, device, per_epoch):
-    """One optimiser step on batch; returns the losses, or None when a non-finite loss was skipped."""
-    if distributed.world_size() > 1:
-        # Dropout masks depend on (seed, iteration, rank) alone: ranks differ, a resumed run repeats.
-        torch.manual_seed((cfg.seed * 1_000_003 + state.iteration) * 1009 + distributed.rank())
-    with autocast_context(device, cfg.train.amp):
-        losses = train_model(batch, cfg.train.lambda_v, cfg.train.lambda_m)
-    values = distributed.average_over_ranks(losses)  # the global batch's losses, on every rank
-    state.position += 1
-    state.optimizer.zero_grad(set_to_none=True)
-    if not math.isfinite(values["total"]):
-        message = (f"non-finite loss at iteration {state.iteration + 1} ("
-                   + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + ")")
-        if cfg.train.on_nonfinite_loss == "stop":
-            raise TrainingError(message + "; the last good snapshot is kept. Lower train.optim.lr, set "
-                                "train.grad_clip, or set train.on_nonfinite_loss skip (the loader checks "
-                                "every feature file it reads for NaN/Inf, so the data are finite)")
-        state.skipped_in_a_row += 1
-        if state.skipped_in_a_row >= per_epoch:  # every batch fails: skipping would never end
-            raise TrainingError(f"{message}: {state.skipped_in_a_row} batches in a row (an epoch) had a "
-                                f"non-finite loss; the weights are broken: lower train.optim.lr and resume "
-                                f"from an earlier snapshot")
-        tqdm.write(message + "; batch skipped")
-        return None
-    state.skipped_in_a_row = 0
-    state.scaler.scale(losses["total"]).backward()
-    state.scaler.unscale_(state.optimizer)  # the true gradients, before clipping (a no-op unless fp16)
-    if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.grad_clip)
-    scale = state.scaler.get_scale()
-    state.scaler.step(state.optimizer)  # skipped when a gradient overflowed in fp16
-    state.scaler.update()
-    if state.scaler.get_scale() < scale:  # the scaler backs off after an overflow, and only then
-        state.overflow_skips += 1
-    with torch.no_grad():  # the logit scales of the losses' temperatures: 1/tau at most exp(max_logit_scale)
-        for scale in state.model.logit_scales().values():
-            scale.clamp_(max=cfg.train.max_logit_scale)
-    state.iteration += 1
-    if state.iteration % per_epoch == 0:
-        state.scheduler.step()
-    return values
-
-
 class Recorder:
     """What rank 0 writes: the logs, the dashboard, snapshots with their validation, best_snapshot.json."""
 
     def __init__(self, cfg, experiment, data, state, device):
         self.cfg, self.data, self.state, self.device = cfg, data, state, device
-        self.root = experiment.root
-        write_text_atomic(os.path.join(self.root, "config.yaml"), cfg.dump())
+        self.layout = experiment.layout
+        write_text_atomic(self.layout.config, cfg.dump())
         self.log = experiment.open_logs(state.iteration)
         validated = self.log.validated()
         self.best = max(validated.values(), key=lambda r: r["CIDEr"], default=None)
-        write_best(self.root, self.best and {**self.best, "snapshot": snapshot_path(cfg, self.best["iteration"])})
+        write_best(self.layout, self.best and {**self.best, "snapshot": snapshot_path(cfg, self.best["iteration"])})
         self.dashboard = Dashboard(cfg.logger.visdom, cfg.logger.server, cfg.logger.port, env=cfg.exp_name)
         if self.dashboard.enabled:
             print(f"dashboard: {self.dashboard.url}")
@@ -295,15 +233,12 @@ class Recorder:
                                     beam_size=self.cfg.train.beam_size, amp=self.cfg.train.amp, should_stop=stop)
         if sc is None:
             return False
-        out_dir = os.path.join(self.root, "eval_sents", f"{self.cfg.exp_name}_sents_{iteration}")
-        os.makedirs(out_dir, exist_ok=True)
-        write_json_atomic(os.path.join(out_dir, "sc_results.json"), sc)
-        write_json_atomic(os.path.join(out_dir, "nsc_results.json"), nsc)
+        write_captions(self.layout.val_captions_at(iteration), sc, nsc)
         found = score_captions(sc + nsc, self.data.references, metrics=("Bleu", "CIDEr"))
         scores = {"BLEU-4": found["Bleu_4"], "CIDEr": found["CIDEr"]}
         if self.best is None or scores["CIDEr"] > self.best["CIDEr"]:
             self.best = {"iteration": iteration, **scores}
-            write_best(self.root, {**self.best, "snapshot": snapshot_path(self.cfg, iteration)})
+            write_best(self.layout, {**self.best, "snapshot": snapshot_path(self.cfg, iteration)})
         line = (f"iter {iteration}: val BLEU-4 {scores['BLEU-4']:.4f} CIDEr {scores['CIDEr']:.4f} "
                 f"(best CIDEr {self.best['CIDEr']:.4f} at {self.best['iteration']})")
         self.log.write({"iteration": iteration, "split": "val", **scores}, line)

@@ -14,6 +14,16 @@ class GradingError(Exception):
     """Bad input for the handout or grading tools; the message says what and how to fix it."""
 
 
+def exit_status(run):
+    """Runs the body of an instructor tool: 0, or 2 after printing a GradingError as one line."""
+    try:
+        run()
+    except GradingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def snippet_cases_module():
     """tests/snippet_cases.py beside this package: the handout's way of running and judging a snippet,
     which the grader shares. tests/ is not an installed package, so it is loaded from its file."""

@@ -5,7 +5,7 @@
 The submissions are made from the solution in this project: correct ones, partly wrong ones (one to
 three known mistakes of grading/mistakes.py) and broken ones (a syntax error, a file that crashes on
 import, a missing file, the untouched handout), in the proportions 2 : 2 : 1. The grader runs once
-on all of them (python scripts/grade.py does the same); the start (recording the hidden cases,
+on all of them (python -m grading.grade does the same); the start (recording the hidden cases,
 starting the sandbox) is timed apart from the checks, so the cost of N submissions on J cores is
 about start + N x (check seconds per submission) / J.
 """

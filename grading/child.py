@@ -81,7 +81,7 @@ def smoke_model(weights):
     recorded initial parameters, so that the files' own initialisation does not matter."""
     from models.captioner import CaptionModel
 
-    cfg = load_config(None, SMALL)
+    cfg = load_config(None, SMALL + ["train.optim.lr", str(SMOKE_LR)])
     model = CaptionModel(cfg)
     built = {name: tuple(p.shape) for name, p in model.named_parameters()}
     given = {name: tuple(w.shape) for name, w in weights.items()}
@@ -101,22 +101,26 @@ def smoke_model(weights):
 
 
 def smoke_train(model, cfg, batch):
-    """SMOKE_STEPS Adam steps on ``batch``, then greedy decoding: {"losses": {name: [value before each
-    step]} for each of LOSSES (stopping at a non-finite total), "tokens", "logprobs" (B, seq_length)}."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=SMOKE_LR)
+    """SMOKE_STEPS of train.py's training step (models/training.py) on ``batch``, then greedy decoding:
+    {"losses": {name: [value before each step]} for each of LOSSES (stopping at a non-finite total, recorded
+    as NaN), "tokens", "logprobs" (B, seq_length)}."""
+    from models.training import TrainingError, build, train_step
+
+    device = torch.device("cpu")
+    state = build(cfg, device, model)
     losses = {name: [] for name in LOSSES}
     model.train()
     for _ in range(SMOKE_STEPS):
-        parts = model(batch, cfg.train.lambda_v, cfg.train.lambda_m)
+        try:
+            values = train_step(state, model, batch, cfg, device, per_epoch=SMOKE_STEPS + 1)
+        except TrainingError:  # a non-finite loss (train.on_nonfinite_loss stop)
+            values = {name: math.nan for name in LOSSES}
         for name in LOSSES:
-            losses[name].append(float(parts[name].detach()))
+            losses[name].append(float(values[name]))
         if not math.isfinite(losses["total"][-1]):
             break
-        optimizer.zero_grad()
-        parts["total"].backward()
-        optimizer.step()
     model.eval()
-    tokens, logprobs = model.generate(batch["d_feat"], batch["q_feat"])
+    tokens, logprobs, _, _ = model.generate(batch["d_feat"], batch["q_feat"])
     return {"losses": losses, "tokens": tokens.detach().clone(), "logprobs": logprobs.detach().clone()}
 
 

@@ -3,7 +3,7 @@ and the hidden ones the grader scores with, of other sizes and seeds; the hidden
 smoke run's case (SMOKE): initial weights, a batch, and the solution's losses at every step and
 greedy captions after training.
 
-    python -m grading.recorder public PATH      # run by scripts/make_handout.py
+    python -m grading.recorder public PATH      # run by grading/make_handout.py
     python -m grading.recorder hidden PATH      # run by python -m grading.autograder build
 
 Each case gets the solution's outputs, gradients and dropout shapes, and the outputs of every known

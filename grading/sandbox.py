@@ -266,7 +266,7 @@ def _warm(options):
     layer(torch.ones(1, 2)).sum().backward()
     optimizer.step()
     sys.path.insert(0, options["template"])
-    for name in ("models.captioner", "utils.utils", "grading.child"):
+    for name in ("models.captioner", "models.training", "utils.utils", "grading.child"):
         importlib.import_module(name)
     sys.path.remove(options["template"])
 

@@ -11,7 +11,7 @@ from utils.assignment import ASSIGNMENT_FILES, END_MARK, START_MARK
 # that spell the snippets out or need the grading tools, and the instructors' and maintainers'
 # documentation.
 # An entry ending in "/" excludes a whole folder.
-HANDOUT_EXCLUDE = ("grading/", "scripts/make_handout.py", "scripts/grade.py", "tests/test_handout.py",
+HANDOUT_EXCLUDE = ("grading/", "tests/test_handout.py",
                    "tests/test_grader.py", "tests/test_snippet_formulas.py", "tests/test_snippet_feedback.py",
                    "tests/test_autograder.py", "tests/test_hostile_submissions.py", "docs/instructors.md",
                    "docs/development.md")

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.mtm import token_wise_similarity
+from models.mtm import TokenWiseMatching
 
 
 class CrossEn(nn.Module):
@@ -28,16 +28,14 @@ class ContraAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.model.cbr.att_dim
-        self.mtm_chunk = cfg.model.change_detector.mtm_chunk
-        self.mtm_sparse_backward = cfg.model.change_detector.mtm_sparse_backward
+        self.mtm = TokenWiseMatching(cfg, heads=1)  # token-wise matching over the full d (models/mtm.py)
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, hal_tokens, aft_tokens):
         """hal_tokens, aft_tokens: (B, N, d) -> S (B, B) (models/mtm.py)."""
-        return token_wise_similarity(self.query(hal_tokens), self.key(aft_tokens), self.logit_scale,
-                                     chunk=self.mtm_chunk, sparse_backward=self.mtm_sparse_backward)
+        return self.mtm(self.query(hal_tokens), self.key(aft_tokens), self.logit_scale)
 
 
 class CBR(nn.Module):

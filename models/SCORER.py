@@ -3,12 +3,13 @@
 Shapes: B batch, C channels, H x W grid, N = H*W tokens, d = att_dim, h heads, dh = d / h.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.mtm import token_wise_similarity
+from models.mtm import TokenWiseMatching
 
 
 class AddSpatialInfo(nn.Module):
@@ -34,9 +35,7 @@ class Attention(nn.Module):
                              f"model.change_detector.att_head ({enc.att_head})")
         self.num_attention_heads = enc.att_head
         self.attention_head_size = enc.att_dim // enc.att_head
-        self.mtm_heads = enc.att_head if enc.mtm == "per_head" else 1
-        self.mtm_chunk = enc.mtm_chunk
-        self.mtm_sparse_backward = enc.mtm_sparse_backward
+        self.mtm = TokenWiseMatching(cfg)  # multi-head token-wise matching (models/mtm.py)
         self.query = nn.Linear(enc.att_dim, enc.att_dim)
         self.key = nn.Linear(enc.att_dim, enc.att_dim)
         self.value = nn.Linear(enc.att_dim, enc.att_dim)
@@ -49,17 +48,14 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # (B, h, N, dh)
 
-    def forward(self, query_states, key_states, value_states, compute_similarity=True):
+    def forward(self, query_states, key_states, value_states):
         """query/key/value_states: (B, N, d). Returns (output (B, N, d), S (B, B) or None, A (B, N, N))."""
         q = self.query(query_states)  # (B, N, d)
         k = self.key(key_states)  # (B, N, d)
         v = self.value(value_states)  # (B, N, d)
-        # MTM(Q, K) of every pair in the batch (models/mtm.py); the caller asks for it where a loss uses it.
+        # S = exp(logit_scale) * MTM(Q, K) of every pair in the batch, where a loss uses it (else None).
         # Quirk kept from the reference: one dot product over all heads (model.change_detector.mtm sum).
-        sim = None
-        if compute_similarity:
-            sim = token_wise_similarity(q, k, self.logit_scale, self.mtm_heads, self.mtm_chunk,
-                                        self.mtm_sparse_backward)
+        sim = self.mtm(q, k, self.logit_scale)
         query_layer = self.split_heads(q)  # (B, h, N, dh)
         key_layer = self.split_heads(k)  # (B, h, N, dh)
         value_layer = self.split_heads(v)  # (B, h, N, dh)
@@ -91,26 +87,36 @@ class SCORER(nn.Module):
         super().__init__()
         self.attention = Attention(cfg)
 
-    def forward(self, query_states, key_states, value_states, compute_similarity=True):
-        return self.attention(query_states, key_states, value_states, compute_similarity)
+    def forward(self, query_states, key_states, value_states):
+        return self.attention(query_states, key_states, value_states)
+
+
+class EncoderOutput(NamedTuple):
+    """What the encoder gives the decoder, the losses, the CBR head and the figures."""
+    out: torch.Tensor  # (B, N, emb_dim) the difference representation X~_c, for the decoder
+    sim_ba: Optional[torch.Tensor]  # (B, B) S of the last block, "before" matched to "after" (None: not computed)
+    sim_ab: Optional[torch.Tensor]  # (B, B) the same, "after" matched to "before"
+    bef_tokens: torch.Tensor  # (B, N, d) X~_bef, for the CBR head
+    aft_tokens: torch.Tensor  # (B, N, d) X~_aft
+    attention_ba: Optional[torch.Tensor]  # (B, N, N) the last block's attention of "before" over "after"
+    attention_ab: Optional[torch.Tensor]  # (B, N, N) and of "after" over "before"
 
 
 class ChangeDetector(nn.Module):
     """Encodes a (before, after) feature pair into the difference representation (B, N, emb_dim).
 
-    similarity_in_every_block computes S in every block, in training and in evaluation, as the
-    reference does; by default it is computed only where the loss uses it (the last block, in
-    training), which gives the same losses.
+    Every block can compute S; the reference computes it in each of them, but only the last block's
+    enters the loss, so the model that owns the encoder has only that one computed, in training
+    (models/captioner.py), which gives the same losses.
     """
 
-    def __init__(self, cfg, similarity_in_every_block=False):
+    def __init__(self, cfg):
         super().__init__()
         enc = cfg.model.change_detector
         if enc.att_dim % 2:
             raise ValueError(f"model.change_detector.att_dim ({enc.att_dim}) must be even: half of it "
                              f"encodes the column, half the row")
         self.grid = enc.grid
-        self.similarity_in_every_block = similarity_in_every_block
         self.img = nn.Sequential(nn.Conv2d(enc.feat_dim, enc.att_dim, kernel_size=1))
         self.w_embedding = nn.Embedding(enc.grid, enc.att_dim // 2)
         self.h_embedding = nn.Embedding(enc.grid, enc.att_dim // 2)
@@ -135,30 +141,17 @@ class ChangeDetector(nn.Module):
         H, W = x.shape[-2:]
         return (self.img(x) + self.position_encoding(H, W)).flatten(2).transpose(1, 2)  # (B, N, d)
 
-    def forward(self, x_bef, x_aft, compute_similarity=None, return_attention=False):
-        """x_bef, x_aft: (B, feat_dim, H, W).
-
-        Returns (out (B, N, emb_dim), S_ba (B, B), S_ab (B, B), bef_tokens (B, N, d),
-        aft_tokens (B, N, d)); the similarities are None unless computed (by default in
-        training only). With return_attention, a sixth item holds the last block's
-        head-averaged maps (A_ba, A_ab), each (B, N, N).
-        """
-        if compute_similarity is None:
-            compute_similarity = self.training
+    def forward(self, x_bef, x_aft):
+        """x_bef, x_aft: (B, feat_dim, H, W) -> EncoderOutput (the similarities and maps of the last block)."""
         bef = bef_tokens = self.embed_view(x_bef)  # (B, N, d)
         aft = aft_tokens = self.embed_view(x_aft)  # (B, N, d)
 
         sim_ba = sim_ab = att_ba = att_ab = None
-        for index, block in enumerate(self.scorer):
-            last = index == len(self.scorer) - 1
-            similarity = self.similarity_in_every_block or (compute_similarity and last)
+        for block in self.scorer:
             bef_prev = bef
-            bef, sim_ba, att_ba = block(bef, aft, aft, similarity)
+            bef, sim_ba, att_ba = block(bef, aft, aft)
             # The "after" view attends to the "before" tokens from before this block (reference order).
-            aft, sim_ab, att_ab = block(aft, bef_prev, bef_prev, similarity)
+            aft, sim_ab, att_ab = block(aft, bef_prev, bef_prev)
 
         out = self.embed_fc(torch.cat([bef, aft], dim=-1))  # (B, N, emb_dim)
-        outputs = (out, sim_ba, sim_ab, bef_tokens, aft_tokens)
-        if return_attention:
-            outputs = outputs + ((att_ba, att_ab),)
-        return outputs
+        return EncoderOutput(out, sim_ba, sim_ab, bef_tokens, aft_tokens, att_ba, att_ab)

@@ -1,7 +1,7 @@
 """Encoders for ablation studies (model.change_detector.encoder); the default is SCORER (models/SCORER.py)."""
 import torch
 
-from models.SCORER import ChangeDetector
+from models.SCORER import ChangeDetector, EncoderOutput
 
 
 class SubtractionEncoder(ChangeDetector):
@@ -18,10 +18,9 @@ class SubtractionEncoder(ChangeDetector):
         cfg.freeze()
         super().__init__(cfg)
 
-    def forward(self, x_bef, x_aft, compute_similarity=None, return_attention=False):
+    def forward(self, x_bef, x_aft):
         """As ChangeDetector.forward; the similarities and attention maps are None."""
         bef = self.embed_view(x_bef)  # (B, N, d)
         aft = self.embed_view(x_aft)  # (B, N, d)
         out = self.embed_fc(torch.cat([bef, aft - bef], dim=-1))  # (B, N, emb_dim)
-        outputs = (out, None, None, bef, aft)
-        return outputs + ((None, None),) if return_attention else outputs
+        return EncoderOutput(out, None, None, bef, aft, None, None)

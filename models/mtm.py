@@ -9,6 +9,7 @@ autograd keeps and multiplies. ``mean_max_similarity_dense`` is the plain formul
 the straightforward variant of scripts/benchmark.py and the oracle of tests/test_mtm.py.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.distributed import gather_batch
@@ -101,3 +102,31 @@ def token_wise_similarity(q, k, logit_scale, heads=1, chunk=16, sparse_backward=
     similarity = _MeanMaxSimilarity.apply if sparse_backward else mean_max_similarity_dense
     per_head = [similarity(qh[:, h], kh[:, h], chunk) for h in range(heads)]  # h x (b, B)
     return gather_batch(logit_scale.exp() * torch.stack(per_head).mean(dim=0))  # (B, B)
+
+
+class TokenWiseMatching(nn.Module):
+    """S = exp(logit_scale) * MTM(Q, K) of every (query, key) pair of the batch, computed as the config says
+    (model.change_detector: mtm, the heads; mtm_chunk; mtm_sparse_backward): the blocks that call it name
+    the method, this module holds how it is computed. No parameters: the state dict does not change.
+
+    heads: None takes them from the config ("sum": one TM over the full d, the reference's; "per_head": the
+    mean of per-head TMs); 1 always matches over the full d (the CBR head's, as in the reference).
+    when: "always"; "training" (S enters a training loss, and only in training: returns None in evaluation);
+    "never" (no loss uses this block's S: returns None). The model that owns the blocks sets it.
+    """
+
+    WHEN = ("always", "training", "never")
+
+    def __init__(self, cfg, heads=None):
+        super().__init__()
+        enc = cfg.model.change_detector
+        self.heads = heads if heads is not None else (enc.att_head if enc.mtm == "per_head" else 1)
+        self.chunk = enc.mtm_chunk
+        self.sparse_backward = enc.mtm_sparse_backward
+        self.when = "always"
+
+    def forward(self, q, k, logit_scale):
+        """q, k: (B, N, d) projected queries and keys -> S (B, B), or None when not wanted (see ``when``)."""
+        if self.when == "never" or (self.when == "training" and not self.training):
+            return None
+        return token_wise_similarity(q, k, logit_scale, self.heads, self.chunk, self.sparse_backward)

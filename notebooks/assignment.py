@@ -205,7 +205,7 @@ nb.check(["python", "test.py", "--cfg", CFG, "--snapshot", "best", "--gpu", GPU.
 
 # %%
 EXP = nb.experiment(cfg)
-for RESULTS in (f"{EXP}/eval_sents", f"{EXP}/test_output/captions"):
+for RESULTS in (EXP.val_captions, EXP.test_captions):
     nb.check(["python", "evaluate.py", "--results_dir", RESULTS, "--anno", cfg.data.anno_json,
               "--type_file", cfg.data.type_mapping_json], "evaluate.py")
 
@@ -237,6 +237,6 @@ nb.check(["python", "scripts/make_report.py", "--cfg", CFG, *READ_TEST, *IMAGES]
 # zip in the experiment folder (on Drive), and on Colab downloads it: that zip is what you hand in.
 
 # %%
-nb.check(["python", "scripts/make_submission.py", "--cfg", CFG, "--output", f"{EXP}/submission.zip", *EXTRA],
+nb.check(["python", "scripts/make_submission.py", "--cfg", CFG, "--output", f"{EXP.root}/submission.zip", *EXTRA],
          "make submission")
-nb.download_to_laptop(f"{EXP}/submission.zip")
+nb.download_to_laptop(f"{EXP.root}/submission.zip")

@@ -42,6 +42,7 @@ import matplotlib
 from utils import synthetic_data
 from utils.errors import UserError
 from utils.fileio import read_json, write_json_atomic, write_text_atomic
+from utils.layout import ExperimentLayout
 from utils.text import CHANGE_TYPES
 
 matplotlib.use("Agg")
@@ -72,15 +73,14 @@ class Run:
         self.variant, self.seed = variant, seed
         self.name = f"{variant}-s{seed}"
         self.exp_dir = os.path.join(args.workdir, "experiments", "ablation", args.section)
-        self.root = os.path.join(self.exp_dir, self.name)
+        self.layout = ExperimentLayout(os.path.join(self.exp_dir, self.name), self.name)
         self.test_data = args.test_data
         self.test_name = os.path.relpath(args.test_data, args.workdir)  # recorded in the summary
         settings = (["exp_dir", self.exp_dir, "exp_name", self.name, "seed", str(seed), "logger.visdom", "False",
                      "gpu_id", "-1"] + VARIANTS[variant][0] + args.overrides)
         self.overrides = synthetic_data.data_overrides(args.data) + settings
         self.test_overrides = synthetic_data.data_overrides(args.test_data) + settings
-        self.result_file = os.path.join(self.root, "test_output", "captions", "eval_results.json")
-        self.summary_file = os.path.join(self.root, "ablation_run.json")
+        self.summary_file = os.path.join(self.layout.root, "ablation_run.json")
 
     def previous(self):
         """The summary of an earlier execution, or None."""
@@ -91,28 +91,24 @@ class Run:
         summary = self.previous()
         return summary is not None and summary.get("test_data") == self.test_name
 
-    def snapshots(self):
-        folder = os.path.join(self.root, "snapshots")
-        return sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
-
     def trained(self):
-        return os.path.exists(os.path.join(self.root, "best_snapshot.json")) and self._finished_training()
+        return os.path.exists(self.layout.best) and self._finished_training()
 
     def execute(self, log):
         started, previous = time.time(), self.previous()
         trained_before = self.trained()
         if not trained_before:
-            resume = ["--resume"] if self.snapshots() else []
+            resume = ["--resume"] if self.layout.snapshot_iterations() else []
             _run([sys.executable, os.path.join(ROOT, "train.py"), "--cfg", CONFIG, *resume, *self.overrides],
                  log, f"{self.name}: train")
-        best = read_json(os.path.join(self.root, "best_snapshot.json"), "the best snapshot's file")["iteration"]
+        best = read_json(self.layout.best, "the best snapshot's file")["iteration"]
         _run([sys.executable, os.path.join(ROOT, "test.py"), "--cfg", CONFIG, "--snapshot", str(best),
               *self.test_overrides], log, f"{self.name}: test")
         # The scenes.json next to the annotations gives the object-level score.
-        _run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--results_dir", os.path.dirname(self.result_file),
+        _run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--results_dir", self.layout.test_captions,
               "--anno", os.path.join(self.test_data, "total_change_captions_reformat.json"),
               "--type_file", os.path.join(self.test_data, "type_mapping.json")], log, f"{self.name}: evaluate")
-        test = read_json(self.result_file, "the test scores")["folders"]["test"]
+        test = read_json(self.layout.test_scores, "the test scores")["folders"]["test"]
         # A run tested again keeps the minutes of its training run.
         seconds = previous["seconds"] if trained_before and previous else round(time.time() - started, 1)
         summary = {"variant": self.variant, "seed": self.seed, "best_iteration": best, "seconds": seconds,
@@ -121,9 +117,9 @@ class Run:
         return summary
 
     def _finished_training(self):
-        with open(os.path.join(self.root, "config.yaml")) as handle:
+        with open(self.layout.config) as handle:
             max_iter = next(int(line.split(":")[1]) for line in handle if line.strip().startswith("max_iter:"))
-        return f"{self.name}_checkpoint_{max_iter}.pt" in self.snapshots()
+        return max_iter in self.layout.snapshot_iterations()
 
 
 def _run(command, log, what):

@@ -7,15 +7,15 @@ python scripts/benchmark.py [--cfg configs/dynamic/transformer.yaml] [--batch_si
 Three variants of the same model on the same weights, each built through CaptionModel's arguments
 and config keys:
 - "default": the model as train.py and test.py run it with the default configuration;
-- "recompute": the same with train.recompute_attention (the attention blocks rebuilt in backward:
-  the memory-saving option);
+- "recompute": the same with train.recompute_attention (the encoder, decoder and CBR head rebuilt
+  in backward: the memory-saving option);
 - "straightforward": the MTM similarity at every encoder block and in evaluation
   (similarity_in_every_block), over the whole B x B x N x N score tensor at once (mtm_chunk = B)
   with plain autograd (mtm_sparse_backward False), and decoding that recomputes the whole prefix
   at every step (use_cache=False).
 Random features and captions stand in for data. The script checks that all three give the same
-losses, gradients and generated tokens, then prints seconds per training step (forward, backward,
-Adam step), generated pairs per second and peak memory of each, and the ratios: speed of default
+losses, gradients and generated tokens, then prints seconds per training step (train.py's step,
+models/training.py: forward, backward, clipping, Adam step, logit-scale clamp), generated pairs per second and peak memory of each, and the ratios: speed of default
 against straightforward, memory of recompute against straightforward.
 Peak memory is the CUDA allocator's peak on a GPU; on the CPU it is the growth of the process's
 peak resident set over one training step (or one generation), measured in a fresh process per variant
@@ -34,6 +34,7 @@ import torch
 
 from configs.defaults import ConfigError, load_config
 from models.captioner import CaptionModel
+from models.training import build, train_step
 from utils.cli import int_at_least
 from utils.device import autocast_context
 from utils.fileio import write_json_atomic
@@ -42,6 +43,7 @@ from utils.text import END_ID, START_ID
 VARIANTS = ("default", "recompute", "straightforward")
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6  # float32 sums in another order (chunking, sparse vs dense products)
 LOSS_RTOL = 1e-5
+NO_EPOCH_END = 10 ** 9  # the training step's batches per epoch: the schedule does not step within a benchmark
 
 
 class BenchmarkError(RuntimeError):
@@ -111,19 +113,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizer, batch, cfg, device):
-    optimizer.zero_grad(set_to_none=True)
-    with autocast_context(device, cfg.train.amp):
-        losses = model(batch, cfg.train.lambda_v, cfg.train.lambda_m)
-    losses["total"].backward()
-    optimizer.step()
-    return losses
-
-
 def generate(model, name, batch, cfg, device, beam_size):
     with autocast_context(device, cfg.train.amp):
         return model.generate(batch["d_feat"], batch["q_feat"], beam_size=beam_size,
-                              use_cache=name != "straightforward")[0]
+                              use_cache=name != "straightforward").tokens
 
 
 def interleaved(calls, steps, device):
@@ -214,10 +207,10 @@ def memory_probe(args):
     name, phase = args.memory_probe.split(":")
     cfg, device, models, batch = setup(args, names=(name,))
     model = models[name]
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.optim.lr)
+    state = build(cfg, device, model)
     model.train(phase == "train")
     if phase == "train":
-        run = functools.partial(train_step, model, optimizer, batch, cfg, device)
+        run = functools.partial(train_step, state, model, batch, cfg, device, NO_EPOCH_END)
     else:
         run = functools.partial(generate, model, name, batch, cfg, device, args.beam_size)
     if device.type == "cuda":
@@ -253,11 +246,11 @@ def run_benchmark(args):
     cfg, device, models, batch = setup(args)
     check = compare(models, batch, cfg, device, args.beam_size)
     weights = copy.deepcopy(models["default"].state_dict())
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=cfg.train.optim.lr) for name, m in models.items()}
+    states = {name: build(cfg, device, model) for name, model in models.items()}
 
     def step(name):
         models[name].train()
-        return train_step(models[name], optimizers[name], batch, cfg, device)
+        return train_step(states[name], models[name], batch, cfg, device, NO_EPOCH_END)
 
     def caption(name):
         models[name].eval()

@@ -25,14 +25,13 @@ from utils.assignment import missing_snippets
 from utils.cli import int_at_least
 from utils.errors import UserError
 from utils.fileio import read_json
+from utils.layout import CAPTION_FILES, ExperimentLayout
 from utils.visdom_server import VisdomServerError, start_server, stop_server, wait_for_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = os.path.join(ROOT, "configs/dynamic/transformer_demo.yaml")
-WORKDIR = ROOT  # data/demo and experiments/demo are relative to it (--workdir changes it)
-DATA = "data/demo"
-EXPERIMENT = "experiments/demo"
+DATA = "data/demo"  # relative to the working folder, as the demo config's data paths are
 
 # Quality the demo must reach on the synthetic test split.
 TARGETS = {"CIDEr": 60.0, "no_change_rate": 0.90, "right_type_rate": 0.70}
@@ -42,9 +41,9 @@ STOPPED = ("demo: stopped by Ctrl-C during stage '{stage}'. Run `make demo` agai
            "skipped and training resumes from its last snapshot")
 
 
-def run(command, stage):
+def run(command, stage, cwd=ROOT):
     print(f"  $ {' '.join(command)}", flush=True)
-    process = subprocess.Popen(command, cwd=WORKDIR)
+    process = subprocess.Popen(command, cwd=cwd)
     while True:
         try:
             returncode = process.wait()
@@ -69,14 +68,15 @@ def port_open(port):
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_visdom(port):
-    """A visdom server on 127.0.0.1 that this demo owns, or None when one already answers there."""
+def start_visdom(port, folder):
+    """A visdom server on 127.0.0.1 that this demo owns (its log and state in ``folder``), or None when one
+    already answers there."""
     if port_open(port):
         print(f"  a server already answers on port {port}: using it")
         return None
     run(python("scripts/setup_visdom_offline.py"), "visdom set-up")
-    log = open(os.path.join(WORKDIR, EXPERIMENT, "visdom_server.log"), "w")
-    server = start_server(port, os.path.join(WORKDIR, EXPERIMENT, "visdom_env"), log)
+    log = open(os.path.join(folder, "visdom_server.log"), "w")
+    server = start_server(port, os.path.join(folder, "visdom_env"), log)
     try:
         wait_for_index(port, server)
         print(f"  dashboard: http://127.0.0.1:{port}/env/demo (open it to watch training)")
@@ -85,8 +85,83 @@ def start_visdom(port):
     return server
 
 
-def best_iteration():
-    return read_json(os.path.join(WORKDIR, EXPERIMENT, "best_snapshot.json"), "the best snapshot's file")["iteration"]
+class Demo:
+    """The stages in a working folder; each is skipped when its output is there, and timed."""
+
+    def __init__(self, args):
+        self.args = args
+        self.workdir = os.path.abspath(args.workdir)
+        cfg = load_config(CONFIG)
+        self.layout = ExperimentLayout(os.path.join(self.workdir, cfg.exp_dir, cfg.exp_name), cfg.exp_name)
+        self.final_iteration = args.max_iter or cfg.train.max_iter
+        self.timings = []
+
+    def run(self, command, stage):
+        run(command, stage, cwd=self.workdir)
+
+    def stage(self, name, done, action):
+        print(f"\n== {name}", flush=True)
+        start = time.time()
+        if done():
+            print("  already there: skipped")
+        else:
+            action()
+        self.timings.append((name, time.time() - start))
+
+    def prepare_data(self):
+        data = os.path.join(self.workdir, DATA)
+        self.stage("1. generate synthetic CLEVR-Change", lambda: synthetic_data.generated(data),
+                   lambda: self.run(synthetic_data.generate_command(DATA, self.args.num_scenes), "generate"))
+        try:
+            synthetic_data.check_feature_settings(
+                data, "make clean-demo` (it removes data/demo and experiments/demo) and `make demo")
+        except UserError as err:
+            sys.exit(f"demo: {err}")
+        for images, features in synthetic_data.IMAGE_FOLDERS:
+            self.stage(f"2. extract features {images} -> {features}",
+                       lambda: synthetic_data.extracted(data, images, features),
+                       lambda: self.run(synthetic_data.extract_command(DATA, images, features), "extract"))
+        self.stage("3. preprocess captions", lambda: synthetic_data.preprocessed(data),
+                   lambda: self.run(synthetic_data.preprocess_command(DATA), "preprocess"))
+
+    def train(self):
+        args = self.args
+        overrides = [] if args.max_iter is None else ["train.max_iter", str(args.max_iter)]
+        overrides += ["logger.visdom", str(not args.no_visdom), "logger.port", str(args.port)]
+
+        def train_with_dashboard():
+            resume = ["--resume"] if self.layout.snapshot_iterations() else []  # an interrupted demo goes on
+            server = None if args.no_visdom else start_visdom(args.port, self.layout.root)
+            try:
+                self.run(python("train.py", "--cfg", CONFIG, *resume, *overrides), "train")
+            finally:
+                if server is not None:
+                    stop_server(server)
+                    print("  visdom server stopped")
+
+        self.stage("4-5. start the visdom server and train",
+                   lambda: os.path.exists(self.layout.snapshot(self.final_iteration)), train_with_dashboard)
+
+    def test_and_report(self):
+        layout = self.layout
+        iteration = read_json(layout.best, "the best snapshot's file")["iteration"]
+        self.stage(f"6. caption the test split with snapshot {iteration}",
+                   lambda: os.path.exists(os.path.join(layout.test_captions_of("test"), CAPTION_FILES[0])),
+                   lambda: self.run(python("test.py", "--cfg", CONFIG, "--snapshot", "best"), "test"))
+        anno, types = f"{DATA}/total_change_captions_reformat.json", f"{DATA}/type_mapping.json"
+        for name, results, scores in (("validation", layout.val_captions, layout.val_scores),
+                                      ("test", layout.test_captions, layout.test_scores)):
+            self.stage(f"7. evaluate {name} captions", lambda: os.path.exists(scores),
+                       lambda: self.run(python("evaluate.py", "--results_dir", os.path.relpath(results, self.workdir),
+                                               "--anno", anno, "--type_file", types), f"evaluate {name}"))
+        self.stage("8. triplet figures and hand-in report", lambda: os.path.exists(layout.report_html),
+                   lambda: self.run(python("scripts/make_report.py", "--cfg", CONFIG), "report"))
+
+    def print_timings(self):
+        print("\n== time per stage")
+        for name, seconds in self.timings:
+            print(f"  {seconds:7.1f} s  {name}")
+        print(f"  {sum(s for _, s in self.timings):7.1f} s  in all (the install, if any, came before)")
 
 
 def main():
@@ -103,83 +178,13 @@ def main():
                  + ", ".join(f"{name} ({path})" for name, path in missing)
                  + ".\nWrite them in their `== To Implement ==` blocks, check them with `make snippets`, "
                    "then run `make demo` again.")
-    global WORKDIR
-    WORKDIR = os.path.abspath(args.workdir)
-    os.makedirs(os.path.join(WORKDIR, EXPERIMENT), exist_ok=True)
-    timings = []
-
-    def stage(name, done, action):
-        print(f"\n== {name}", flush=True)
-        start = time.time()
-        if done():
-            print("  already there: skipped")
-        else:
-            action()
-        timings.append((name, time.time() - start))
-
-    data = os.path.join(WORKDIR, DATA)
-    stage("1. generate synthetic CLEVR-Change", lambda: synthetic_data.generated(data),
-          lambda: run(synthetic_data.generate_command(DATA, args.num_scenes), "generate"))
-
-    try:
-        synthetic_data.check_feature_settings(
-            data, "make clean-demo` (it removes data/demo and experiments/demo) and `make demo")
-    except UserError as err:
-        sys.exit(f"demo: {err}")
-    for images, features in synthetic_data.IMAGE_FOLDERS:
-        stage(f"2. extract features {images} -> {features}",
-              lambda: synthetic_data.extracted(data, images, features),
-              lambda: run(synthetic_data.extract_command(DATA, images, features), "extract"))
-
-    stage("3. preprocess captions", lambda: synthetic_data.preprocessed(data),
-          lambda: run(synthetic_data.preprocess_command(DATA), "preprocess"))
-
-    overrides = [] if args.max_iter is None else ["train.max_iter", str(args.max_iter)]
-    overrides += ["logger.visdom", str(not args.no_visdom), "logger.port", str(args.port)]
-
-    snapshots = os.path.join(WORKDIR, EXPERIMENT, "snapshots")
-    final_iteration = args.max_iter or load_config(CONFIG).train.max_iter
-    final_snapshot = os.path.join(snapshots, f"demo_checkpoint_{final_iteration}.pt")
-
-    def train_with_dashboard():
-        # An interrupted demo continues from its newest snapshot.
-        resume = ["--resume"] if os.path.isdir(snapshots) and any(
-            name.endswith(".pt") for name in os.listdir(snapshots)) else []
-        server = None if args.no_visdom else start_visdom(args.port)
-        try:
-            run(python("train.py", "--cfg", CONFIG, *resume, *overrides), "train")
-        finally:
-            if server is not None:
-                stop_server(server)
-                print("  visdom server stopped")
-
-    stage("4-5. start the visdom server and train", lambda: os.path.exists(final_snapshot),
-          train_with_dashboard)
-
-    iteration = best_iteration()
-    test_dir = os.path.join(WORKDIR, EXPERIMENT, "test_output", "captions")
-    stage(f"6. caption the test split with snapshot {iteration}",
-          lambda: os.path.exists(os.path.join(test_dir, "test", "sc_results.json")),
-          lambda: run(python("test.py", "--cfg", CONFIG, "--snapshot", "best"), "test"))
-
-    anno, types = f"{DATA}/total_change_captions_reformat.json", f"{DATA}/type_mapping.json"
-    stage("7. evaluate validation captions",
-          lambda: os.path.exists(os.path.join(WORKDIR, EXPERIMENT, "eval_sents", "eval_results.json")),
-          lambda: run(python("evaluate.py", "--results_dir", f"{EXPERIMENT}/eval_sents", "--anno", anno,
-                             "--type_file", types), "evaluate val"))
-    stage("7. evaluate test captions", lambda: os.path.exists(os.path.join(test_dir, "eval_results.json")),
-          lambda: run(python("evaluate.py", "--results_dir", f"{EXPERIMENT}/test_output/captions", "--anno",
-                             anno, "--type_file", types), "evaluate test"))
-
-    stage("8. triplet figures and hand-in report",
-          lambda: os.path.exists(os.path.join(WORKDIR, EXPERIMENT, "report", "report.html")),
-          lambda: run(python("scripts/make_report.py", "--cfg", CONFIG), "report"))
-
-    print("\n== time per stage")
-    for name, seconds in timings:
-        print(f"  {seconds:7.1f} s  {name}")
-    print(f"  {sum(s for _, s in timings):7.1f} s  in all (the install, if any, came before)")
-    report_scores(os.path.join(test_dir, "eval_results.json"))
+    demo = Demo(args)
+    os.makedirs(demo.layout.root, exist_ok=True)
+    demo.prepare_data()
+    demo.train()
+    demo.test_and_report()
+    demo.print_timings()
+    report_scores(demo.layout.test_scores)
 
 
 def report_scores(path):

@@ -31,6 +31,7 @@ from utils.checkpoint import list_snapshots
 from utils.cli import parse_with_overrides, report_errors, snapshot_choice
 from utils.errors import UserError
 from utils.fileio import read_json, write_text_atomic
+from utils.layout import ExperimentLayout
 from utils.object_score import FIGURE_LABELS, FIGURES
 from utils.text import CHANGE_TYPES
 
@@ -38,7 +39,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 VISUALIZE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "visualize.py")
-FIGURE_INDEX = "triplets.json"  # written by scripts/visualize.py next to its figures
 
 SHOWN_METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 VAL_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -82,9 +82,9 @@ def read_metrics(path):
     return ([train[k] for k in sorted(train)], [val[k] for k in sorted(val)], skipped)
 
 
-def validation_scores(exp_root):
+def validation_scores(layout):
     """Scores of every snapshot scored by evaluate.py: {"source", "metrics", "rows", "best"} or None."""
-    path = os.path.join(exp_root, "eval_sents", "eval_results.json")
+    path = layout.val_scores
     if not os.path.isfile(path):
         return None
     report = _read_json(path)
@@ -112,10 +112,10 @@ def validation_scores(exp_root):
     return {"source": path, "rows": rows, "best": best, "metrics": metrics}
 
 
-def test_scores(exp_root):
+def test_scores(layout):
     """{"source", "folder", "scores", "change_detection", "object_score" (None without a scene truth),
     "metrics", "others"} or None."""
-    path = os.path.join(exp_root, "test_output", "captions", "eval_results.json")
+    path = layout.test_scores
     if not os.path.isfile(path):
         return None
     report = _read_json(path)
@@ -183,9 +183,9 @@ def plot_curves(train, val, out_path):
     return out_path
 
 
-def best_validation(exp_root, val_records):
+def best_validation(layout, val_records):
     """(iteration, how it was chosen) of the best validation snapshot, or (None, None)."""
-    best_file = os.path.join(exp_root, "best_snapshot.json")
+    best_file = layout.best
     if os.path.isfile(best_file):
         iteration = _read_json(best_file).get("iteration")
         if iteration is not None:
@@ -219,8 +219,9 @@ def draw_with_visualize(cfg, snapshot, figures_dir):
                           f"scripts/visualize.py failed (exit {done.returncode}): {done.stderr[-1500:]}")
 
 
-def figure_entries(cfg, figures_dir, snapshot, draw):
+def figure_entries(cfg, layout, snapshot, draw):
     """(entries of triplets.json, note): draws one figure per change type when the folder has none."""
+    figures_dir = layout.figures
     has_png = os.path.isdir(figures_dir) and any(n.endswith(".png") for n in os.listdir(figures_dir))
     note = ""
     if not has_png and draw:
@@ -228,9 +229,8 @@ def figure_entries(cfg, figures_dir, snapshot, draw):
             return [], "No triplet figures: the experiment has no snapshot yet (train first)."
         draw_with_visualize(cfg, snapshot, figures_dir)
         note = f"Figures drawn now from snapshot {snapshot}, the first test scene of each change type."
-    index = os.path.join(figures_dir, FIGURE_INDEX)
-    if os.path.isfile(index):
-        entries = [e for e in _read_json(index) if os.path.isfile(os.path.join(figures_dir, e["file"]))]
+    if os.path.isfile(layout.figure_index):
+        entries = [e for e in _read_json(layout.figure_index) if os.path.isfile(os.path.join(figures_dir, e["file"]))]
     elif has_png:
         entries = [{"file": n} for n in sorted(os.listdir(figures_dir)) if n.endswith(".png")]
     else:
@@ -241,31 +241,30 @@ def figure_entries(cfg, figures_dir, snapshot, draw):
     return entries, note
 
 
-def collect(cfg, exp_root, snapshot=None, draw_figures=True):
+def collect(cfg, snapshot=None, draw_figures=True):
     """Everything the report shows, as plain data."""
-    report_dir = os.path.join(exp_root, "report")
-    metrics_path = os.path.join(exp_root, "metrics.jsonl")
+    layout = ExperimentLayout.of(cfg)
+    metrics_path = layout.metrics
     train, val_records, skipped = read_metrics(metrics_path) if os.path.isfile(metrics_path) else ([], [], 0)
-    val = validation_scores(exp_root)
-    test = test_scores(exp_root)
-    curves = plot_curves(train, val_records, os.path.join(report_dir, "training_curves.png"))
-    best, best_source = best_validation(exp_root, val_records)
+    val = validation_scores(layout)
+    test = test_scores(layout)
+    curves = plot_curves(train, val_records, os.path.join(layout.report, "training_curves.png"))
+    best, best_source = best_validation(layout, val_records)
     best_snapshot = choose_snapshot(cfg, best)
-    figures_dir = os.path.join(exp_root, "figures")
     available = list_snapshots(cfg)
     chosen = {"best": best_snapshot, None: best_snapshot, "last": available[-1] if available else None}.get(
         snapshot, snapshot)
-    entries, figure_note = figure_entries(cfg, figures_dir, chosen, draw_figures)
+    entries, figure_note = figure_entries(cfg, layout, chosen, draw_figures)
     notes = []
     if not os.path.isfile(metrics_path):
         notes.append(f"No training log: {metrics_path} does not exist (train.py writes it).")
     if skipped:
         notes.append(f"{skipped} unreadable line(s) of {metrics_path} were skipped.")
-    return {"exp_root": exp_root, "report_dir": report_dir, "exp_name": cfg.exp_name,
+    return {"layout": layout, "exp_root": layout.root, "report_dir": layout.report, "exp_name": cfg.exp_name,
             "train": train, "val_records": val_records, "val": val, "test": test,
             "best": best, "best_source": best_source,
             "anno": cfg.data.anno_json, "types": cfg.data.type_mapping_json, "curves": curves, "snapshot": best_snapshot,
-            "figures_dir": figures_dir, "figures": entries, "figure_note": figure_note, "notes": notes}
+            "figures_dir": layout.figures, "figures": entries, "figure_note": figure_note, "notes": notes}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -302,7 +301,7 @@ def _tables(info):
         header = ["pairs", "count"] + test["metrics"]
         rows = [[name.replace("non_semantic", "distractor"), str(test["scores"][name]["count"])]
                 + [_pct(test["scores"][name][m]) for m in test["metrics"]] for name in TEST_ROWS]
-        note = (f"Scores x 100 of the captions in test_output/captions/{test['folder']}; source "
+        note = (f"Scores x 100 of the captions in {os.path.join(info['layout'].test_captions, test['folder'])}; source "
                 f"{test['source']}. SPICE is '-' where it could not run offline. The snapshot that wrote "
                 f"the captions is the one passed to test.py (usually the best on validation).")
         if test["others"]:
@@ -337,18 +336,18 @@ def _tables(info):
 
 def _missing(info, cfg_path):
     notes = list(info["notes"])
-    exp = info["exp_root"]
+    layout = info["layout"]
     if not info["val_records"] and not info["val"]:
-        notes.append(f"No validation scores: neither 'val' records in {exp}/metrics.jsonl nor "
-                     f"{exp}/eval_sents/eval_results.json. Train past train.snapshot_interval.")
+        notes.append(f"No validation scores: neither 'val' records in {layout.metrics} nor "
+                     f"{layout.val_scores}. Train past train.snapshot_interval.")
     elif not info["val"]:
         notes.append(f"Validation scored with BLEU-4 and CIDEr only: for every metric run python "
-                     f"evaluate.py --results_dir {exp}/eval_sents --anno {info['anno']} --type_file "
+                     f"evaluate.py --results_dir {layout.val_captions} --anno {info['anno']} --type_file "
                      f"{info['types']}.")
     if not info["test"]:
         iteration = info["snapshot"] if info["snapshot"] is not None else "ITER"
         notes.append(f"No test scores yet: run python test.py --cfg {cfg_path} --snapshot {iteration}, "
-                     f"then python evaluate.py --results_dir {exp}/test_output/captions --anno {info['anno']} "
+                     f"then python evaluate.py --results_dir {layout.test_captions} --anno {info['anno']} "
                      f"--type_file {info['types']}.")
     if not info["curves"]:
         notes.append("No training curves: metrics.jsonl holds no records.")
@@ -457,10 +456,9 @@ def make_report(cfg, exp_root=None, snapshot=None, draw_figures=True, cfg_path="
         cfg.defrost()
         cfg.exp_dir, cfg.exp_name = os.path.split(os.path.normpath(exp_root))
         cfg.freeze()
-    info = collect(cfg, exp_root, snapshot, draw_figures)
+    info = collect(cfg, snapshot, draw_figures)
     os.makedirs(info["report_dir"], exist_ok=True)
-    md_path = os.path.join(info["report_dir"], "report.md")
-    html_path = os.path.join(info["report_dir"], "report.html")
+    md_path, html_path = info["layout"].report_md, info["layout"].report_html
     write_text_atomic(md_path, render_markdown(info, cfg_path))
     write_text_atomic(html_path, render_html(info, cfg_path))
     return md_path, html_path

@@ -21,9 +21,7 @@ from configs.defaults import load_config
 from utils.assignment import ASSIGNMENT_FILES, ROOT, missing_snippets
 from utils.cli import parse_with_overrides, report_errors
 from utils.errors import UserError
-from utils.experiment import experiment_root
-
-REPORT_NAME = "report.html"
+from utils.layout import REPORT_HTML, ExperimentLayout
 
 
 class SubmissionError(UserError):
@@ -61,16 +59,14 @@ def snippet_problems(root=ROOT):
 
 def report_problems(cfg, cfg_path):
     """What the experiment lacks for the report: test scores, a triplet figure, a report made after them."""
-    root = experiment_root(cfg)
-    scores = os.path.join(root, "test_output", "captions", "eval_results.json")
-    figures = os.path.join(root, "figures", "triplets.json")
-    report = os.path.join(root, "report", REPORT_NAME)
+    layout = ExperimentLayout.of(cfg)
+    root, scores, figures, report = layout.root, layout.test_scores, layout.figure_index, layout.report_html
     problems = []
     if not os.path.isfile(scores):
         problems.append(f"no test scores in {root} ({scores}): run python test.py --cfg {cfg_path} --snapshot best, "
-                        f"then evaluate.py on {root}/test_output/captions (README, section 6)")
+                        f"then evaluate.py on {layout.test_captions} (README, section 6)")
     if not os.path.isfile(figures):
-        problems.append(f"no triplet figure in {root}/figures: run python scripts/visualize.py --cfg {cfg_path} "
+        problems.append(f"no triplet figure in {layout.figures}: run python scripts/visualize.py --cfg {cfg_path} "
                         f"--snapshot best --per_type 1 --attention")
     if not os.path.isfile(report):
         problems.append(f"no report ({report}): run python scripts/make_report.py --cfg {cfg_path}")
@@ -87,7 +83,7 @@ def write_zip(path, report):
         for rel in ASSIGNMENT_FILES:
             archive.write(os.path.join(ROOT, rel), rel)
         if os.path.isfile(report):
-            archive.write(report, REPORT_NAME)
+            archive.write(report, REPORT_HTML)
     os.replace(tmp, path)
 
 
@@ -113,7 +109,7 @@ def main(argv=None):
         for problem in problems:
             print(f"warning: {problem}")
         print(f"wrote {args.output}: {', '.join(ASSIGNMENT_FILES)}"
-              + (f" and {REPORT_NAME}" if os.path.isfile(report) else " (no report)")
+              + (f" and {REPORT_HTML}" if os.path.isfile(report) else " (no report)")
               + ("; hand it in" if not problems else f"; {len(problems)} problem(s) above"))
 
     report_errors(run)

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from configs.defaults import load_config
-from models.captioner import load_trained_model
+from models.loading import load_trained_model
 from utils.cli import int_at_least, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
 from utils.dataset import RCCDataset
 
@@ -47,10 +47,10 @@ def relative_change(moved, base):
 def probe(model, bef, changed, distractor):
     """The figures above for a CaptionModel and before / changed / distractor features (B, C, H, W)."""
     with torch.no_grad():
-        same = model.encode(bef, bef)[0]
-        outputs = model.encode(bef, changed, return_attention=True)
-        moved = model.encode(bef, distractor)[0]
-    out, attention = outputs[0], outputs[5][0]  # (B, N, emb_dim); (B, N, N) or None (subtraction)
+        same = model.encode(bef, bef).out
+        encoded = model.encode(bef, changed)
+        moved = model.encode(bef, distractor).out
+    out, attention = encoded.out, encoded.attention_ba  # (B, N, emb_dim); (B, N, N) or None (subtraction)
     entropy = None
     if attention is not None:
         entropy = -(attention.clamp_min(1e-12).log() * attention).sum(-1).mean().item()

@@ -28,12 +28,13 @@ import torch
 from PIL import Image
 
 from configs.defaults import load_config
-from models.captioner import load_trained_model
+from models.loading import load_trained_model
 from utils.cli import device_for, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
 from utils.dataset import RCCDataset
 from utils.device import select_device
 from utils.errors import UserError
 from utils.eval_utils import EvalError, classify_caption, load_references
+from utils.figures import attention_maps, show
 from utils.fileio import read_json, write_json_atomic
 from utils.object_score import describe, judge, scene_truth
 from utils.text import CHANGE_TYPES
@@ -41,7 +42,6 @@ from utils.utils import decode_sequence
 
 matplotlib.use("Agg")  # files only: no display on the training machines
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib.patches import Rectangle  # noqa: E402
 
 INDEX_FILE = "triplets.json"
 FIG_WIDTH = 15.0  # inches; three panels of 5 inches
@@ -98,17 +98,6 @@ def load_scenes(cfg):
     return {}, None
 
 
-def _softmax_mean(scores, steps):
-    """Mean over the first ``steps`` decoder steps of softmax(scores) over the grid; scores (L, N)."""
-    probs = torch.softmax(scores[:max(steps, 1)].float(), dim=-1)
-    return probs.mean(dim=0)
-
-
-def _word_steps(tokens, idx_to_word):
-    """Number of generated words before <END> (the steps whose attention made the caption)."""
-    return len(decode_sequence(idx_to_word, tokens.unsqueeze(0))[0].split())
-
-
 def judge_record(record, truth=None):
     """Sets the verdicts of a captioned scene's pairs: right_type, object (utils.object_score.judge, None
     without a scene truth), truth (the true object in words), verdict ("right", "wrong type", "right type,
@@ -146,21 +135,12 @@ def caption_scenes(model, dataset, indices, idx_to_word, device, beam_size=1, re
                 "grid": [int(H), int(W)]} for item in items]
     for pair, key in (("changed", "q_feat"), ("distractor", "n_feat")):
         aft = torch.stack([item[key] for item in items]).to(device)
-        tokens, _, attention = model.generate(bef, aft, beam_size=beam_size, return_attention=True)
-        # Beam search returns one row per image (the best beam), like greedy decoding.
+        generated = model.generate(bef, aft, beam_size=beam_size)
+        tokens = generated.tokens  # beam search returns one row per image (the best beam), like greedy decoding
         captions = decode_sequence(idx_to_word, tokens)
-        att_ba, att_ab = attention["encoder"]
         for b, record in enumerate(records):
-            steps = _word_steps(tokens[b].cpu(), idx_to_word)
-            record[pair] = {
-                "caption": captions[b],
-                "read_as": classify_caption(captions[b]),
-                # Attention each view's grid cells receive from the other view's tokens (none without
-                # SCORER blocks: the subtraction encoder of models/baselines.py).
-                "enc_before": None if att_ab is None else att_ab[b].sum(dim=0).float().view(H, W).cpu().numpy(),
-                "enc_after": None if att_ba is None else att_ba[b].sum(dim=0).float().view(H, W).cpu().numpy(),
-                "decoder": _softmax_mean(attention["decoder"][b], steps).view(H, W).cpu().numpy(),
-            }
+            record[pair] = {"caption": captions[b], "read_as": classify_caption(captions[b]),
+                            **attention_maps(generated, b, (H, W), idx_to_word)}
     for record in records:
         judge_record(record, (truths or {}).get(record["scene_id"]))
         key = f"{record['scene_id']:06d}.png"
@@ -214,30 +194,6 @@ def _text_lines(record, title, has_box):
     return lines
 
 
-def _show(ax, image, title=None, heat=None, box=None):
-    h, w = image.shape[:2]
-    extent = (0, w, h, 0)  # pixel i spans [i, i+1]: heatmap cells and boxes share these units
-    ax.imshow(image, extent=extent, interpolation="bilinear")
-    if heat is not None:
-        # Features come from the whole image resized to a square, so grid cell (r, c) covers
-        # rows r*h/H..(r+1)*h/H and columns c*w/W..(c+1)*w/W of the original image.
-        span = heat.max() - heat.min()
-        norm = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
-        ax.imshow(norm, extent=extent, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="nearest")
-    if box is not None:
-        x0, y0, x1, y1 = box
-        ax.add_patch(Rectangle((x0, y0), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="white",
-                               linewidth=2.5))
-        ax.add_patch(Rectangle((x0, y0), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="red",
-                               linewidth=1.2, linestyle="--"))
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=15)
-
-
 def draw_triplet(record, path, attention=False, scene=None, title=None):
     """Writes the figure of one captioned scene (a record of caption_scenes) to ``path``."""
     images = {name: _load_image(record["paths"][name]) for name, _, _ in PANELS}
@@ -260,19 +216,19 @@ def draw_triplet(record, path, attention=False, scene=None, title=None):
                 for i in range(3)]
 
     for ax, (name, _, _) in zip(row_axes(0), PANELS):
-        _show(ax, images[name], name, box=boxes.get(name))
+        show(ax, images[name], name, box=boxes.get(name))
     if attention:
         ch, di = record["changed"], record["distractor"]
         maps = [("before: attention from changed", images["before"], ch["enc_before"]),
                 ("changed: attention from before", images["changed"], ch["enc_after"]),
                 ("distractor: attention from before", images["distractor"], di["enc_after"])]
         for ax, (label, image, heat) in zip(row_axes(1), maps):
-            _show(ax, image, f"encoder | {label}", heat=heat, box=None)
+            show(ax, image, f"encoder | {label}", heat=heat)
         maps = [("decoder | changed pair, on before", images["before"], ch["decoder"]),
                 ("decoder | changed pair, on changed", images["changed"], ch["decoder"]),
                 ("decoder | distractor pair", images["distractor"], di["decoder"])]
         for ax, (label, image, heat) in zip(row_axes(2), maps):
-            _show(ax, image, label, heat=heat, box=None)
+            show(ax, image, label, heat=heat)
     top = text_h - 0.25
     for i, (text, colour, weight) in enumerate(lines):
         y = (top - i * TEXT_LINE) / fig_h

@@ -82,6 +82,8 @@ def build_module(name, case, cls=None):
         return cls(*case["shape"])
     module = cls(load_config(None, case["config"]))
     module.load_state_dict(case["weights"])
+    if name == "Attention":
+        module.mtm.when = "never"  # the snippet is the reconstruction; S lies outside it (models/mtm.py)
     if not case.get("train"):
         return module.eval()
     module.dropout = FixedMaskDropout(module.dropout.p, case["seed"])
@@ -99,7 +101,7 @@ def run(name, module, inputs, case):
         return (module(inputs["query_states"], keys, keys, case["mask"]),)
     if name == "CrossAttention":
         return tuple(module(inputs["query_states"], inputs["grid_states"], inputs["grid_states"]))
-    output, _, attention_map = module(inputs["query_states"], inputs["key_states"], inputs["key_states"], False)
+    output, _, attention_map = module(inputs["query_states"], inputs["key_states"], inputs["key_states"])
     return output, attention_map
 
 

@@ -78,8 +78,8 @@ def test_a_trained_run_is_tested_again_on_a_new_test_split_not_trained_again(tmp
     def fake_run(command, log, what):
         commands.append(command)
         if command[1].endswith("evaluate.py"):
-            os.makedirs(os.path.dirname(run.result_file), exist_ok=True)
-            with open(run.result_file, "w") as handle:
+            os.makedirs(os.path.dirname(run.layout.test_scores), exist_ok=True)
+            with open(run.layout.test_scores, "w") as handle:
                 json.dump({"folders": {"test": _evaluation(0.42)}}, handle)
 
     monkeypatch.setattr(ablate, "_run", fake_run)

@@ -22,9 +22,9 @@ def test_every_variant_gives_the_straightforward_losses_gradients_and_tokens(bea
     args = benchmark.parse_args(SMALL)
     cfg, device, models, batch = benchmark.setup(args)
     straightforward = models["straightforward"]
-    assert straightforward.change_detector.similarity_in_every_block
-    assert not straightforward.change_detector.scorer[0].attention.mtm_sparse_backward
-    assert straightforward.change_detector.scorer[0].attention.mtm_chunk == 4
+    assert straightforward.change_detector.scorer[0].attention.mtm.when == "always"
+    assert not straightforward.change_detector.scorer[0].attention.mtm.sparse_backward
+    assert straightforward.change_detector.scorer[0].attention.mtm.chunk == 4
     check = benchmark.compare(models, batch, cfg, device, beam_size)
     assert check["losses_equal"] and check["tokens_equal"]
     assert check["grads_allclose"], check["max_grad_diff"]

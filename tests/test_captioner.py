@@ -40,7 +40,7 @@ def test_losses_gradients_and_generation_on_a_5x7_grid():
     assert model.cbr.conv1.weight.grad.abs().sum() > 0  # the CBR head trains (the reference's bug is fixed)
 
     model.eval()
-    seq, logprobs = model.generate(random_batch()["d_feat"], random_batch()["q_feat"])
+    seq, logprobs, _, _ = model.generate(random_batch()["d_feat"], random_batch()["q_feat"])
     assert seq.shape == (2, cfg.model.speaker.seq_length) and logprobs.shape == seq.shape
 
 
@@ -84,15 +84,11 @@ def test_recomputed_attention_gives_the_same_losses_and_gradients_with_dropout()
     assert all(torch.allclose(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7) for k in grads_a)
 
 
-def test_recompute_keeps_the_state_dict_and_survives_a_deep_copy():
-    import copy
-
+def test_recompute_keeps_the_state_dict_and_the_students_modules():
     model = CaptionModel(small_cfg(), recompute=True)
     plain = CaptionModel(small_cfg())
     assert list(model.state_dict()) == list(plain.state_dict())
-    clone = copy.deepcopy(model)
-    block = clone.change_detector.scorer[0].attention
-    assert block.forward.__self__ is block  # the copy recomputes its own block, not the original's
+    assert all("forward" not in vars(module) for module in model.modules())  # no method replaced at run time
 
 
 def test_subtraction_encoder_has_no_blocks_and_no_cross_view_loss():
@@ -103,11 +99,11 @@ def test_subtraction_encoder_has_no_blocks_and_no_cross_view_loss():
     assert losses["cross_view"].item() == 0.0
     losses["total"].backward()
     assert model.change_detector.embed_fc[0].weight.grad.abs().sum() > 0
-    out, sim_ba, _, bef, aft = model.change_detector(torch.randn(2, 10, 3, 4), torch.randn(2, 10, 3, 4))
-    assert out.shape == (2, 12, 16) and sim_ba is None
+    encoded = model.change_detector(torch.randn(2, 10, 3, 4), torch.randn(2, 10, 3, 4))
+    assert encoded.out.shape == (2, 12, 16) and encoded.sim_ba is None
     model.eval()
-    seq, _, attention = model.generate(random_batch()["d_feat"], random_batch()["q_feat"], return_attention=True)
-    assert attention["encoder"] == (None, None) and seq.shape == (2, 7)
+    generated = model.generate(random_batch()["d_feat"], random_batch()["q_feat"])
+    assert generated.encoder_attention == (None, None) and generated.tokens.shape == (2, 7)
 
 
 def test_label_smoothing_uses_the_reference_definition():

@@ -8,7 +8,8 @@ import torch
 from yacs.config import CfgNode
 
 import test as test_script
-from models.captioner import CaptionModel, load_trained_model
+from models.captioner import CaptionModel
+from models.loading import load_trained_model
 from tests.helpers import SMALL_MODEL, assert_cli_error, run_cli, tiny_cfg, write_cfg
 from utils.device import select_device
 

@@ -381,3 +381,53 @@ def test_evaluate_cli_rejects_an_unusable_scenes_file(data, tmp_path, capsys, br
     assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: " + message.format(scenes=scenes)), err
     assert not (data["results"] / "eval_results.json").exists()
+
+
+def _write_config(folder, anno, type_file):
+    """A config.yaml as train.py writes it into an experiment folder (the keys evaluate.py reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(f"data:\n  anno_json: {anno}\n  type_mapping_json: {type_file}\n")
+    return str(folder / "config.yaml")
+
+
+def test_the_annotation_and_type_files_default_to_the_experiments_config(data, tmp_path, capsys):
+    # data["results"] is tmp_path/eval_sents: tmp_path is its experiment folder.
+    config = _write_config(tmp_path, data["anno"], data["type_file"])
+    assert evaluate.data_files(str(data["results"]), None, None) == (data["anno"], data["type_file"])
+    assert evaluate.data_files(str(data["results"]), data["anno"], None) == (data["anno"], data["type_file"])
+    # A file given that does not exist: the message names the experiment's files and the command that works.
+    argv = ["--results_dir", str(data["results"]), "--anno", "./data/total_change_captions_reformat.json"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: annotation file ./data/total_change_captions_reformat.json (--anno) does not exist. The "
+                   f"experiment was trained with the files of {config}: python evaluate.py --results_dir "
+                   f"{data['results']} --anno {data['anno']} --type_file {data['type_file']}\n")
+    # A config that names files that are not there.
+    _write_config(tmp_path, tmp_path / "gone.json", data["type_file"])
+    with pytest.raises(EvalError, match=rf"annotation file {tmp_path}/gone.json \(data.anno_json of {config}\) "
+                                        r"does not exist"):
+        evaluate.data_files(str(data["results"]), None, None)
+    assert not (data["results"] / "eval_results.json").exists()
+
+
+def test_without_an_experiment_config_the_files_are_needed(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the experiments of ./experiments are named
+    _write_config(tmp_path / "experiments" / "demo", data["anno"], data["type_file"])
+    data["results"].rename(tmp_path / "results")
+    assert evaluate.main(["--results_dir", "results"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --anno and --type_file are needed (results is not in an experiment folder with a "
+                   f"config.yaml to take them from). The experiments' configs point to: experiments/demo/config.yaml: "
+                   f"--anno {data['anno']} --type_file {data['type_file']}\n")
+
+
+def test_a_missing_results_folder_offers_the_other_experiments_with_their_own_files(data, tmp_path, capsys):
+    exp_dir = tmp_path / "experiments"
+    _write_config(exp_dir / "demo", data["anno"], data["type_file"])
+    data["results"].rename(exp_dir / "demo" / "eval_sents")
+    missing = str(exp_dir / "SCORER+CBR" / "eval_sents")
+    assert evaluate.main(["--results_dir", missing, "--anno", "./data/total_change_captions_reformat.json",
+                          "--type_file", "./data/type_mapping.json"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: results folder {missing} does not exist; these experiments have one: python evaluate.py "
+        f"--results_dir {exp_dir}/demo/eval_sents --anno {data['anno']} --type_file {data['type_file']}\n")

@@ -119,7 +119,7 @@ def write_submission(folder, texts, flat=False, skip=()):
 
 
 def run_grader(args, cwd):
-    done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "grade.py")] + args, cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "grading.grade"] + args, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -241,7 +241,7 @@ def test_locate_files_prefers_the_expected_folder(tmp_path):
 
 
 def test_bad_arguments_exit_2_without_a_traceback(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "grade.py"), str(tmp_path / "nope")],
+    done = subprocess.run([sys.executable, "-m", "grading.grade", str(tmp_path / "nope")],
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr

@@ -16,7 +16,7 @@ from grading.snippets import HANDOUT_EXCLUDE, REPO, assignment_blocks, find_bloc
     solution_lines
 from utils.assignment import ASSIGNMENT_FILES, SNIPPETS
 
-SCRIPT = os.path.join(REPO, "scripts", "make_handout.py")
+TOOL = ["-m", "grading.make_handout"]
 EXPECTED = [("models/SCORER.py", "Attention"), ("models/CBR.py", "CBR.CrossEn"),
             ("models/transformer_decoder.py", "PositionEncoding"), ("models/transformer_decoder.py", "SelfAttention"),
             ("models/transformer_decoder.py", "CrossAttention"), ("utils/utils.py", "utils.CrossEn")]
@@ -24,7 +24,7 @@ CASES = "tests/snippet_cases.pt"
 
 
 def run_tool(*args, cwd=REPO):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *TOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def in_handout(folder, *command, timeout=600):
@@ -93,7 +93,7 @@ def test_the_tools_tests_and_docs_of_instructors_stay_out(handout):
         if rel not in ASSIGNMENT_FILES and rel not in ("README.md", CASES):
             with open(os.path.join(REPO, rel), "rb") as a, open(handout / "assignment" / rel, "rb") as b:
                 assert a.read() == b.read(), rel
-    for path in ("grading/grader.py", "grading/mistakes.py", "scripts/grade.py", "scripts/make_handout.py",
+    for path in ("grading/grader.py", "grading/mistakes.py", "grading/grade.py", "grading/make_handout.py",
                  "tests/test_grader.py", "tests/test_snippet_formulas.py", "tests/test_snippet_feedback.py",
                  "tests/test_autograder.py", "tests/test_hostile_submissions.py", "docs/instructors.md"):
         assert is_excluded(path)
@@ -203,7 +203,7 @@ def test_readme_positions_match_the_handout():
                     re.findall(r"([\w/\\.]+\.py),\s*line\s+(\d+)", "\n".join(section), re.IGNORECASE))
     actual = sorted((rel, int(line)) for rel, line in (
         entry.split(" ")[0].split(":") for entry in run_tool("--positions").stdout.splitlines()))
-    assert quoted == actual, "update the positions in README.md to `python scripts/make_handout.py --positions`"
+    assert quoted == actual, "update the positions in README.md to `python -m grading.make_handout --positions`"
 
 
 def test_existing_output_and_broken_markers_are_refused(tmp_path):

@@ -3,7 +3,7 @@ that a point there could only come from the attack) and must score 0 on that sni
 run (which needs it), full marks on the other snippets, while the grader finishes, a correct
 submission graded beside them keeps its 100, and nothing is written outside the children's scratch
 folders. Two attack the smoke run alone, with all six snippets written: they report a loss curve of
-their own making, and must score 0 on it and 90 on the rest. One batch run of scripts/grade.py,
+their own making, and must score 0 on it and 90 on the rest. One batch run of grading/grade.py,
 shared by the tests below.
 
 The attacks that need the privilege drop (reading another user's files, writing the grader's) are
@@ -226,7 +226,7 @@ def graded(tmp_path_factory):
     for attack in ATTACKS:
         write_files(batch / attack, attacked_texts(attack, **values))
     before = {"alice": tree_digest(batch / "alice"), "root": tree_digest(root)}
-    done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "grade.py"), "--batch", str(batch),
+    done = subprocess.run([sys.executable, "-m", "grading.grade", "--batch", str(batch),
                            "--out", str(out / "results.csv"), "--json", str(out / "reports"), "--jobs", "2",
                            "--timeout", str(TIMEOUT)], cwd=root, capture_output=True, text=True, timeout=900)
     listener.close()

@@ -193,7 +193,7 @@ def test_visdom_servers_started_by_the_project_listen_on_localhost_only(starter,
         monkeypatch.setattr(demo, "run", lambda command, stage: None)
         monkeypatch.setattr(demo, "port_open", lambda port: False)  # nothing on the port before the start
         monkeypatch.setattr(demo, "wait_for_index", lambda port, server: 200)
-        demo.start_visdom(8097)
+        demo.start_visdom(8097, str(tmp_path))
     else:
         visdom_server.start_server(8097, str(tmp_path), None)
     [cmd] = commands

@@ -24,7 +24,7 @@ def test_probe_against_a_per_scene_formula_and_a_dead_relu():
 
     def encode(aft):
         with torch.no_grad():
-            return model.encode(bef, aft)[0]  # (B, N, emb)
+            return model.encode(bef, aft).out  # (B, N, emb)
 
     same, out = encode(bef), encode(changed)
     ratios = [float(torch.linalg.norm(out[b] - same[b]) / torch.linalg.norm(same[b])) for b in range(len(bef))]

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from models.captioner import CaptionModel
 from models.SCORER import AddSpatialInfo, ChangeDetector
 from tests.helpers import small_cfg
 
@@ -30,29 +31,28 @@ def test_learned_position_encoding_is_column_then_row():
 def test_similarity_only_where_the_loss_uses_it_unless_every_block_is_asked():
     torch.manual_seed(0)
     x_bef, x_aft = torch.randn(3, 10, 4, 2), torch.randn(3, 10, 4, 2)
-    detector = ChangeDetector(small_cfg("model.change_detector.att_layer", "3"))
-    calls = []
-    for block in detector.scorer:
-        block.register_forward_hook(lambda module, args, output: calls.append(output[1] is not None))
-    detector.train()
-    out, sim_ba, sim_ab, bef_tokens, aft_tokens = detector(x_bef, x_aft)
-    assert calls == [False, False, False, False, True, True]  # two views per block, S in the last block
-    assert out.shape == (3, 8, 16) and sim_ba.shape == sim_ab.shape == (3, 3)
-    assert bef_tokens.shape == aft_tokens.shape == (3, 8, 16)
-    calls.clear()
-    detector.eval()
-    assert detector(x_bef, x_aft)[1] is None and calls == [False] * 6
-    calls.clear()
-    detector.similarity_in_every_block = True
-    with torch.no_grad():
-        assert detector(x_bef, x_aft)[1] is not None and calls == [True] * 6
+    cfg = small_cfg("model.change_detector.att_layer", "3")
+    for every_block, expected in ((False, [False, False, False, False, True, True]), (True, [True] * 6)):
+        detector = CaptionModel(cfg, similarity_in_every_block=every_block).change_detector
+        calls = []
+        for block in detector.scorer:
+            block.register_forward_hook(lambda module, args, output: calls.append(output[1] is not None))
+        detector.train()
+        encoded = detector(x_bef, x_aft)
+        assert calls == expected  # two views per block; by default S in the last block only
+        assert encoded.out.shape == (3, 8, 16) and encoded.sim_ba.shape == encoded.sim_ab.shape == (3, 3)
+        assert encoded.bef_tokens.shape == encoded.aft_tokens.shape == (3, 8, 16)
+        calls.clear()
+        detector.eval()
+        with torch.no_grad():
+            assert (detector(x_bef, x_aft).sim_ba is not None) == every_block and calls == [every_block] * 6
 
 
 @pytest.mark.snippets
 def test_batch_one_and_attention_maps():
     detector = ChangeDetector(small_cfg()).eval()
-    out = detector(torch.randn(1, 10, 3, 2), torch.randn(1, 10, 3, 2), return_attention=True)
-    assert out[0].shape == (1, 6, 16) and out[1] is None
-    att_ba, att_ab = out[5]
+    encoded = detector(torch.randn(1, 10, 3, 2), torch.randn(1, 10, 3, 2))
+    assert encoded.out.shape == (1, 6, 16) and encoded.sim_ba.shape == (1, 1)  # a bare detector: S everywhere
+    att_ba, att_ab = encoded.attention_ba, encoded.attention_ab
     assert att_ba.shape == att_ab.shape == (1, 6, 6)
     assert torch.allclose(att_ba.sum(-1), torch.ones(1, 6))

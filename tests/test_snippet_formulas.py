@@ -112,9 +112,10 @@ def test_cross_attention_matches_loops():
 def test_scorer_attention_reconstruction_and_map():
     torch.manual_seed(3)
     attention = Attention(small_cfg()).double().eval()
+    attention.mtm.when = "never"
     a = torch.randn(2, 6, 16, dtype=torch.float64)
     b = torch.randn(2, 6, 16, dtype=torch.float64)
-    out, sim, attention_map = attention(a, b, b, compute_similarity=False)
+    out, sim, attention_map = attention(a, b, b)
     assert sim is None
     for i in range(2):
         context, mean_probs, _ = slow_attention(attention.query(a[i]).tolist(), attention.key(b[i]).tolist(),
@@ -166,7 +167,8 @@ def test_gradcheck_each_snippet():
     cross = CrossAttention(cfg).double()
     assert torch.autograd.gradcheck(lambda t, e: cross(t, e, e)[0], (x, enc))
     attention = Attention(cfg).double()
-    assert torch.autograd.gradcheck(lambda a, b: attention(a, b, b, compute_similarity=False)[0], (x, enc[:, :4]))
+    attention.mtm.when = "never"
+    assert torch.autograd.gradcheck(lambda a, b: attention(a, b, b)[0], (x, enc[:, :4]))
     # The sinusoidal table is a constant; its gradient check is that it passes gradients through unchanged.
     assert torch.autograd.gradcheck(PositionEncoding(12, 7).double(),
                                     (torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True),))

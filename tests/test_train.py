@@ -8,6 +8,7 @@ import torch
 import evaluate
 import test as test_script
 import train
+from models import training
 from tests.helpers import SMALL_MODEL, tiny_cfg
 from utils.checkpoint import list_snapshots, load_snapshot, snapshot_path
 
@@ -84,11 +85,11 @@ def test_missing_snapshot_lists_the_ones_that_exist(tiny_data, tmp_path):
 
 
 def overflowing_model(monkeypatch, at_calls):
-    """train.CaptionModel whose training loss is multiplied by 1e37 at the given forward calls (counted from 1):
+    """The CaptionModel of models/training.py, whose training loss is multiplied by 1e37 at the given forward calls (counted from 1):
     finite, but its fp16 loss scale of 65536 makes the gradients overflow. Returns the call counter."""
     calls = [0]
 
-    class Overflowing(train.CaptionModel):
+    class Overflowing(training.CaptionModel):
         def forward(self, *args, **kwargs):
             losses = super().forward(*args, **kwargs)
             calls[0] += 1
@@ -96,7 +97,7 @@ def overflowing_model(monkeypatch, at_calls):
                 losses["total"] = losses["total"] * 1e37
             return losses
 
-    monkeypatch.setattr(train, "CaptionModel", Overflowing)
+    monkeypatch.setattr(training, "CaptionModel", Overflowing)
     return calls
 
 

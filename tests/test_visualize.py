@@ -11,7 +11,7 @@ from utils.dataset import RCCDataset
 from utils.eval_utils import classify_caption
 from utils.object_score import judge, load_scenes, scene_truth
 from utils.text import CHANGE_TYPES
-from models.captioner import load_trained_model
+from models.loading import load_trained_model
 
 
 

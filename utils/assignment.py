@@ -1,7 +1,7 @@
 """The assignment's six snippets: the files they live in, and which of them are still to be written.
 
 Each snippet is a block between a comment line with `== To Implement ==` and one with `== End ==`
-in one of ASSIGNMENT_FILES. In the student handout (scripts/make_handout.py) a block's solution is
+in one of ASSIGNMENT_FILES. In the student handout (grading/make_handout.py) a block's solution is
 replaced by `raise NotImplementedError("<snippet name>")`, so a name in such a line is a snippet
 still to write.
 """

@@ -1,6 +1,5 @@
 """Snapshots: one self-contained dict, written atomically, loaded with weights_only=True."""
 import errno
-import glob
 import os
 import random
 import re
@@ -12,6 +11,7 @@ import yaml
 
 from configs.defaults import get_cfg_defaults
 from utils.errors import UserError
+from utils.layout import ExperimentLayout
 
 SNAPSHOT_KEYS = ("change_detector_state", "speaker_state", "cbr_state", "optimizer_state",
                  "scheduler_state", "iteration", "rng_state", "config", "vocab")
@@ -28,18 +28,16 @@ class SnapshotError(UserError):
 
 
 def snapshot_dir(cfg):
-    return os.path.join(cfg.exp_dir, cfg.exp_name, "snapshots")
+    return ExperimentLayout.of(cfg).snapshots
 
 
 def snapshot_path(cfg, iteration):
-    return os.path.join(snapshot_dir(cfg), f"{cfg.exp_name}_checkpoint_{iteration}.pt")
+    return ExperimentLayout.of(cfg).snapshot(iteration)
 
 
 def list_snapshots(cfg):
     """Iterations of the experiment's snapshots, ascending."""
-    pattern = re.compile(re.escape(cfg.exp_name) + r"_checkpoint_(\d+)\.pt$")
-    found = (pattern.search(os.path.basename(p)) for p in glob.glob(os.path.join(snapshot_dir(cfg), "*.pt")))
-    return sorted(int(m.group(1)) for m in found if m)
+    return ExperimentLayout.of(cfg).snapshot_iterations()
 
 
 def config_to_dict(cfg):

@@ -10,6 +10,7 @@ seeded with (cfg.seed, epoch, i), and the training batches of an epoch are a fun
 """
 import os
 import re
+import shlex
 import time
 import warnings
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from configs.defaults import ConfigError, get_key, load_config, shipped_configs
+from configs.defaults import ConfigError, get_cfg_defaults, get_key, load_config, shipped_configs
 from utils import distributed
 from utils.errors import UserError
 from utils.extraction import describe_settings, read_stamp, settings_differences, settings_from_config
@@ -46,9 +47,35 @@ class DataError(UserError):
         super().__init__(message)
 
 
-def _extract_cmd(img_dir, feat_dir):
-    return (f"python scripts/extract_features.py --input_image_dir {img_dir} "
-            f"--output_dir {feat_dir} --batch_size 128")
+# What the commands that errors print put where the config file is not known.
+YOUR_CONFIG = "<your config>"
+FEATURES_ARCHIVE = "clevr_change_features.tar.gz"
+
+
+def _settings_config(cfg, origin):
+    """The config file whose data.extraction is cfg's: the one cfg was loaded from (``origin``: (config file,
+    KEY VALUE overrides), None when not known), else a shipped config of the same settings, else None."""
+    if origin is not None and origin[0] is not None:
+        return origin[0]
+    wanted = settings_from_config(cfg.data.extraction)
+    for path in shipped_configs():
+        try:
+            if settings_from_config(load_config(path).data.extraction) == wanted:
+                return path
+        except ConfigError:
+            continue
+    return None
+
+
+def _extract_cmd(img_dir, feat_dir, cfg, origin=None):
+    """The extraction command of one folder, with --cfg of a config of cfg's extraction settings (the defaults
+    need none)."""
+    command = (f"python scripts/extract_features.py --input_image_dir {shlex.quote(img_dir)} "
+               f"--output_dir {shlex.quote(feat_dir)} --batch_size 128")
+    if settings_from_config(cfg.data.extraction) == settings_from_config(get_cfg_defaults().data.extraction):
+        return command
+    config = _settings_config(cfg, origin)
+    return command + f" --cfg {shlex.quote(config) if config is not None else YOUR_CONFIG}"
 
 
 def _preprocess_cmd(cfg):
@@ -59,16 +86,30 @@ def _preprocess_cmd(cfg):
             f"--output_vocab_json {cfg.data.vocab_json} --output_h5 {cfg.data.h5_label_file}")
 
 
-def _pack_cmd(cfg):
-    """The pack command of cfg's store: with the shipped config that names this store, else with --output."""
+def _pack_source(cfg):
+    """--from_folders DIR when cfg's three feature folders are DIR/features, DIR/sc_features and DIR/nsc_features
+    and exist, else --from_archive of the features archive."""
+    folders = [os.path.normpath(get_key(cfg, s.feature_key)) for s in FEATURE_SETS]
+    root = os.path.dirname(folders[0])
+    if all(folder == os.path.join(root, s.name) and os.path.isdir(folder) for folder, s in zip(folders, FEATURE_SETS)):
+        return f"--from_folders {shlex.quote(root or '.')}"
+    return f"--from_archive {FEATURES_ARCHIVE}"
+
+
+def _pack_cmd(cfg, origin=None):
+    """The pack command of cfg's store: with the config and KEY VALUE overrides cfg was loaded from (``origin``:
+    (config file, overrides), None when not known), else with the shipped config that names this store, else
+    with --output."""
+    head = "python scripts/pack_features.py --cfg"
+    if origin is not None and origin[0] is not None:
+        return " ".join([head, *map(shlex.quote, [origin[0], *origin[1]]), _pack_source(cfg)])
     for path in shipped_configs():
         try:
             if load_config(path).data.feature_store == cfg.data.feature_store:
-                return f"python scripts/pack_features.py --cfg {path} --from_archive clevr_change_features.tar.gz"
+                return f"{head} {shlex.quote(path)} {_pack_source(cfg)}"
         except ConfigError:
             continue
-    return (f"python scripts/pack_features.py --cfg <your config> --output {cfg.data.feature_store} --from_archive "
-            f"clevr_change_features.tar.gz")
+    return f"{head} {YOUR_CONFIG} --output {shlex.quote(cfg.data.feature_store)} {_pack_source(cfg)}"
 
 
 _GET_DATA = ("unpack the data (see the README, 'Data') or generate a synthetic set with "
@@ -123,11 +164,11 @@ def check_vocab(vocab, path):
                         f"(no word has index {gap}); rebuild the vocabulary")
 
 
-def _index_features(feat_dir, key, img_dir):
-    """{scene id: file name} of one feature folder (one os.listdir, no stat per file)."""
+def _index_features(feat_dir, key, img_dir, extract_cmd):
+    """{scene id: file name} of one feature folder (one os.listdir, no stat per file); extract_cmd(img_dir,
+    feat_dir): the command that makes the folder."""
     if not os.path.isdir(feat_dir):
-        raise DataError(f"{key} = {feat_dir} does not exist; make it with: "
-                        f"{_extract_cmd(img_dir, feat_dir)}")
+        raise DataError(f"{key} = {feat_dir} does not exist; make it with: {extract_cmd(img_dir, feat_dir)}")
     index = {}
     for name in os.listdir(feat_dir):
         match = _FEATURE_ID.search(name)
@@ -135,7 +176,7 @@ def _index_features(feat_dir, key, img_dir):
             index[int(match.group(1))] = name
     if not index:
         raise DataError(f"{key} = {feat_dir} holds no feature files (<image name>.npy); make "
-                        f"them with: {_extract_cmd(img_dir, feat_dir)}")
+                        f"them with: {extract_cmd(img_dir, feat_dir)}")
     return index
 
 
@@ -238,10 +279,14 @@ LOADER_SETS = (FEATURE_SETS[0], FEATURE_SETS[2], FEATURE_SETS[1])
 class FolderFeatures:
     """The three feature folders of the config: one .npy file per image, one listing per folder."""
 
-    def __init__(self, cfg, split, ids):
+    def __init__(self, cfg, split, ids, origin=None):
         data = cfg.data
+
+        def extract_cmd(img_dir, feat_dir):
+            return _extract_cmd(img_dir, feat_dir, cfg, origin)
+
         folders = [(s.feature_key, get_key(cfg, s.feature_key), get_key(cfg, s.image_key)) for s in LOADER_SETS]
-        indexes = [_index_features(path, key, img) for key, path, img in folders]
+        indexes = [_index_features(path, key, img, extract_cmd) for key, path, img in folders]
         for (key, path, img), index in zip(folders[1:], indexes[1:]):
             if index.keys() != indexes[0].keys():
                 only_a = sorted(indexes[0].keys() - index.keys())
@@ -250,16 +295,16 @@ class FolderFeatures:
                     f"{key} = {path} and data.default_feature_dir = {data.default_feature_dir} "
                     f"hold different scene ids ({len(only_a)} only in the default folder, e.g. "
                     f"{only_a[:5]}; {len(only_b)} only in {path}, e.g. {only_b[:5]}); "
-                    f"finish the extraction with: {_extract_cmd(img, path)}")
+                    f"finish the extraction with: {extract_cmd(img, path)}")
         missing = [i for i in ids if i not in indexes[0]]
         if missing:
             raise DataError(f"{len(missing)} ids of split '{split}' have no feature file in "
                             f"{data.default_feature_dir} (e.g. {missing[:5]}); extract them with: "
-                            f"{_extract_cmd(data.default_img_dir, data.default_feature_dir)}")
+                            f"{extract_cmd(data.default_img_dir, data.default_feature_dir)}")
         for key, path, img in folders:
             _check_settings(read_stamp(path), cfg, f"{key} = {path}",
-                            f"extract the folder again with: {_extract_cmd(img, path)} (and --cfg of this config), "
-                            f"or set data.extraction to its settings")
+                            f"move it away and extract it again with: {extract_cmd(img, path)}, or set "
+                            f"data.extraction to its settings")
         self.files = [[os.path.join(path, index[i]) for i in ids] for (_, path, _), index in zip(folders, indexes)]
         self.image_files = [[os.path.join(img_dir, index[i][:-len(".npy")]) for i in ids]
                             for (_, _, img_dir), index in zip(folders, indexes)]
@@ -278,12 +323,12 @@ class FolderFeatures:
 class StoreFeatures:
     """The feature store of data.feature_store (utils/feature_store.py)."""
 
-    def __init__(self, cfg, split, ids):
+    def __init__(self, cfg, split, ids, origin=None):
         path = cfg.data.feature_store
         try:
             self.store = FeatureStore(path)
         except StoreError as err:
-            raise DataError(f"data.feature_store: {err}; pack it with: {_pack_cmd(cfg)} (or --from_folders DIR, "
+            raise DataError(f"data.feature_store: {err}; pack it with: {_pack_cmd(cfg, origin)} (or --from_folders DIR, "
                             f"--from_images DIR), or set data.feature_store \"\" to read the feature folders") from None
         missing = [i for i in ids if i not in self.store.row_of]
         if missing:
@@ -309,7 +354,9 @@ class StoreFeatures:
 class RCCDataset(Dataset):
     """Scene ids of one split, with features and encoded captions (see the module doc)."""
 
-    def __init__(self, cfg, split, verbose=True):
+    def __init__(self, cfg, split, verbose=True, origin=None):
+        """origin: (config file, KEY VALUE overrides) cfg was loaded from, when known: the commands that errors
+        print then use them."""
         self.cfg = cfg
         self.split = split
         self.epoch = 0
@@ -327,7 +374,7 @@ class RCCDataset(Dataset):
             subset = f"{len(ids):,} of {in_split:,}" if len(ids) < in_split else f"all {len(ids):,}"
             print(f"data: {split} split, {subset} scene ids ({counts})")
         self.ids = ids
-        self.features = (StoreFeatures if data.feature_store else FolderFeatures)(cfg, split, ids)
+        self.features = (StoreFeatures if data.feature_store else FolderFeatures)(cfg, split, ids, origin)
         self.image_files = self.features.image_files
         self.feature_shape = self.features.shape
 
@@ -542,7 +589,7 @@ def main(argv=None):
     def run():
         cfg = load_config(args.cfg, args.opts)
         start = time.time()
-        dataset = RCCDataset(cfg, args.split)
+        dataset = RCCDataset(cfg, args.split, origin=(args.cfg, args.opts))
         print(f"{args.split}: {len(dataset)} scene ids, features {dataset.feature_shape}, "
               f"vocabulary {len(dataset.vocab)}; indexed in {time.time() - start:.2f} s")
         device = torch.device("cpu")

@@ -14,19 +14,13 @@ from configs.defaults import ConfigError, load_config, shipped_configs
 from utils.checkpoint import list_snapshots, snapshot_dir
 from utils.errors import UserError
 from utils.fileio import FileLock, write_json_atomic, write_text_atomic
+from utils.layout import ExperimentLayout
 
-# What a training run writes into its folder (--overwrite removes them first).
-OUTPUTS = ("snapshots", "eval_sents", "test_output", "figures", "report", "best_snapshot.json", "metrics.jsonl",
-           "train_log.txt", "config.yaml")
 LOG_LINE = re.compile(r"iter (\d+):")
 
 
 class ExperimentError(UserError):
     """The experiment folder cannot be used as asked; the message says why and what to run instead."""
-
-
-def experiment_root(cfg):
-    return os.path.join(cfg.exp_dir, cfg.exp_name)
 
 
 def check_writable(folder):
@@ -52,14 +46,15 @@ class Experiment:
     """The folder of one training run, owned for the run's life (use it as a context manager).
 
     resuming: the run continues from a snapshot, which must exist. Otherwise the folder must hold no
-    snapshots, unless overwrite, which removes the earlier run's outputs (OUTPUTS) first.
+    snapshots, unless overwrite, which removes the earlier run's outputs (ExperimentLayout.OUTPUTS) first.
     """
 
     def __init__(self, cfg, resuming, overwrite=False, config_file="<config>"):
         self.cfg = cfg
-        self.root = experiment_root(cfg)
+        self.layout = ExperimentLayout.of(cfg)
+        self.root = self.layout.root
         self.resuming, self.overwrite, self.config_file = resuming, overwrite, config_file
-        self._lock = FileLock(os.path.join(self.root, ".lock"), f"the experiment folder {self.root}",
+        self._lock = FileLock(self.layout.lock, f"the experiment folder {self.root}",
                               "another training run", "wait for it to end, or train under another exp_name", ExperimentError)
 
     def __enter__(self):
@@ -95,7 +90,7 @@ class Experiment:
                 f"Continue it with --resume, train under another exp_name (e.g. exp_name {self.cfg.exp_name}_2), "
                 f"or start over with --overwrite (removes its snapshots, logs and results)")
         # Outputs without snapshots belong to a run that saved nothing: they go too.
-        for name in OUTPUTS:
+        for name in ExperimentLayout.OUTPUTS:
             path = os.path.join(self.root, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -105,7 +100,7 @@ class Experiment:
     # ---------------------------------------------------------------- the run's records
     def open_logs(self, start_iteration):
         """RunLog of metrics.jsonl and train_log.txt holding only the records up to start_iteration."""
-        return RunLog(self.root, start_iteration)
+        return RunLog(self.layout, start_iteration)
 
 
 class RunLog:
@@ -115,9 +110,9 @@ class RunLog:
     appears once.
     """
 
-    def __init__(self, root, start_iteration):
-        self.metrics_path = os.path.join(root, "metrics.jsonl")
-        self.text_path = os.path.join(root, "train_log.txt")
+    def __init__(self, layout, start_iteration):
+        self.metrics_path = layout.metrics
+        self.text_path = layout.train_log
         self.records = [r for r in read_metrics(self.metrics_path) if r.get("iteration", 0) <= start_iteration]
         write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
         kept = []
@@ -164,9 +159,9 @@ def read_metrics(path):
     return records
 
 
-def write_best(root, best):
+def write_best(layout, best):
     """best_snapshot.json, or none when nothing has been validated."""
-    path = os.path.join(root, "best_snapshot.json")
+    path = layout.best
     if best is None:
         if os.path.exists(path):
             os.remove(path)
@@ -186,14 +181,15 @@ def _other_experiments(cfg, config_file):
         except ConfigError:
             continue
         iterations = list_snapshots(other)
-        if iterations and experiment_root(other) != experiment_root(cfg):
-            found.append((os.path.relpath(path), experiment_root(other), iterations, best_iteration(other)))
+        root = ExperimentLayout.of(other).root
+        if iterations and root != ExperimentLayout.of(cfg).root:
+            found.append((os.path.relpath(path), root, iterations, best_iteration(other)))
     return found
 
 
 def best_iteration(cfg):
     """The iteration best_snapshot.json names (highest validation CIDEr), or None."""
-    path = os.path.join(experiment_root(cfg), "best_snapshot.json")
+    path = ExperimentLayout.of(cfg).best
     try:
         with open(path) as handle:
             return int(json.load(handle)["iteration"])
@@ -211,7 +207,8 @@ def resolve_snapshot(cfg, choice, config_file, command_for):
 
     command_for(config file, snapshot) returns the command line that would work; errors print it.
     """
-    root = experiment_root(cfg)
+    layout = ExperimentLayout.of(cfg)
+    root = layout.root
     iterations = list_snapshots(cfg)
     best = best_iteration(cfg)
     if choice == "best" and best in iterations:
@@ -222,7 +219,7 @@ def resolve_snapshot(cfg, choice, config_file, command_for):
         return choice
     if iterations:
         wanted = "best" if best in iterations else "last"
-        why = {"best": f"{root}/best_snapshot.json names no snapshot that exists (no validation finished yet?)",
+        why = {"best": f"{layout.best} names no snapshot that exists (no validation finished yet?)",
                "last": f"{root} holds no snapshot"}.get(choice, f"{root} has no snapshot of iteration {choice}")
         raise ExperimentError(f"{why}; its snapshots: {_listing(iterations, best)}. Use: "
                               f"{command_for(config_file, wanted)}")

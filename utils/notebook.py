@@ -529,9 +529,10 @@ def check_snippets():
 
 # ------------------------------------------------------------------ training
 def experiment(cfg):
-    from utils.experiment import experiment_root
+    """The experiment folder's layout (utils/layout.py): its root and every path in it."""
+    from utils.layout import ExperimentLayout
 
-    return experiment_root(cfg)
+    return ExperimentLayout.of(cfg)
 
 
 def finished(cfg):
@@ -541,7 +542,7 @@ def finished(cfg):
 
     if cfg.train.max_iter not in list_snapshots(cfg):
         return False
-    records = read_metrics(os.path.join(experiment(cfg), "metrics.jsonl"))
+    records = read_metrics(experiment(cfg).metrics)
     return any(r.get("split") == "val" and r.get("iteration") == cfg.train.max_iter for r in records)
 
 
@@ -556,7 +557,7 @@ def training_amp(cfg, gpu):
     """The train.amp of an experiment that is resumed (a resume keeps its config), else the GPU's choice."""
     import yaml
 
-    path = os.path.join(experiment(cfg), "config.yaml")
+    path = experiment(cfg).config
     if resume_flag(cfg) and os.path.isfile(path):
         with open(path) as handle:
             return yaml.safe_load(handle)["train"]["amp"]
@@ -682,7 +683,8 @@ def watch(command, log_path, metrics_path, view, refresh):
 
 def train(cfg_path, cfg, extra, gpu, store, local, refresh):
     """Trains (or resumes, or finds training done), with the dashboard or the curves; Stop when training fails."""
-    root = experiment(cfg)
+    layout = experiment(cfg)
+    root = layout.root
     require_drive(root)
     if finished(cfg):
         print(f"{root} holds the last snapshot ({cfg.train.max_iter}) and its validation: training is done. To "
@@ -695,7 +697,7 @@ def train(cfg_path, cfg, extra, gpu, store, local, refresh):
     command = ["python", "train.py", "--cfg", cfg_path, "--gpu", str(gpu.id), *resume, *overrides]
     log_path = os.path.join(local_dir(local), "train_output.log")
     print(("resuming: " if resume else "") + shown(command) + f"\n(its whole output: {log_path})", flush=True)
-    status, lines = watch(command, log_path, os.path.join(root, "metrics.jsonl"), LiveView(curves=not dashboard),
+    status, lines = watch(command, log_path, layout.metrics, LiveView(curves=not dashboard),
                           refresh)
     print(f"train.py exit status {status}")
     if status:

@@ -1,7 +1,7 @@
 """Cut the student handout: a complete student repository with the six snippets blanked.
 
-    python scripts/make_handout.py --output DIR [--tar FILE.tar.gz]
-    python scripts/make_handout.py --positions      # file:line of each block in the handout
+    python -m grading.make_handout --output DIR [--tar FILE.tar.gz]
+    python -m grading.make_handout --positions      # file:line of each block in the handout
 
 The handout holds the tracked files minus the instructor tools and docs and the tests that spell
 the snippets out (grading.snippets.HANDOUT_EXCLUDE). Inside each `== To Implement ==` block the
@@ -14,7 +14,7 @@ recorded inputs, and those of the known mistakes with their hints, which tests/t
 import argparse
 import sys
 
-from grading import GradingError
+from grading import exit_status
 from grading.handout import handout_positions, write_handout, write_tar
 
 
@@ -29,7 +29,8 @@ def main(argv=None):
         parser.error("give --output DIR (and optionally --tar FILE.tar.gz), or --positions")
     if args.tar and not args.output:
         parser.error("--tar packs the handout folder, so it needs --output DIR as well")
-    try:
+
+    def run():
         if args.positions:
             for rel, line, name in handout_positions():
                 print(f"{rel}:{line} {name}")
@@ -39,10 +40,8 @@ def main(argv=None):
             if args.tar:
                 write_tar(args.output, args.tar)
                 print(f"packed {args.tar}")
-    except GradingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Grade student submissions of the six snippets.
 
-    python scripts/grade.py SUBMISSION [SUBMISSION ...] [--out results.csv] [--json DIR] [--timeout 60]
-    python scripts/grade.py --batch SUBMISSIONS_DIR --out results.csv --json reports/ --jobs 8
+    python -m grading.grade SUBMISSION [SUBMISSION ...] [--out results.csv] [--json DIR] [--timeout 60]
+    python -m grading.grade --batch SUBMISSIONS_DIR --out results.csv --json reports/ --jobs 8
 
 A SUBMISSION is a folder or .zip holding the four files students edit (models/SCORER.py,
 models/CBR.py, models/transformer_decoder.py, utils/utils.py), found by name anywhere inside;
@@ -15,7 +15,7 @@ process with --timeout seconds (docs/instructors.md, "Security"); run from the f
 import argparse
 import sys
 
-from grading import GradingError
+from grading import exit_status
 from grading.grader import batch_submissions, default_jobs, format_table, grade, write_csv, write_json_reports
 
 
@@ -33,7 +33,8 @@ def main(argv=None):
         parser.error("--timeout must be positive")
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    try:
+
+    def run():
         paths = list(args.submissions) + (batch_submissions(args.batch) if args.batch else [])
         if not paths:
             parser.error("give at least one SUBMISSION or --batch DIR")
@@ -55,10 +56,8 @@ def main(argv=None):
         if args.out:
             write_csv(reports, args.out)
             print(f"wrote {args.out}")
-    except GradingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":
