@@ -31,7 +31,7 @@ class CaptionModel(nn.Module):
     activations are rebuilt in backward (with the same dropout masks) instead of stored: less memory for
     one more forward, the same losses and gradients (train.recompute_attention).
     similarity_in_every_block: every encoder block computes its MTM similarity S, in training and in
-    evaluation, as the reference does (the straightforward variant of scripts/benchmark.py). By default
+    evaluation, as the reference does (the straightforward variant of research/benchmark.py). By default
     only the last block's S is computed, and only in training: the loss uses no other. The losses are
     the same either way.
     """

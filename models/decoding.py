@@ -3,7 +3,7 @@
 Each step runs only the newest token: every decoder layer keeps the keys and values of the earlier
 steps (its self-attention cache) and the grid's projected keys and values (its cross-attention
 cache). use_cache=False recomputes the whole prefix at every step instead (the same tokens; the
-straightforward variant of scripts/benchmark.py).
+straightforward variant of research/benchmark.py).
 """
 import torch
 import torch.nn.functional as F

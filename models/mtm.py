@@ -6,7 +6,7 @@ t2v = (1/N) sum_i max_j e[i, j] and v2t = (1/M) sum_j max_i e[i, j] (MODEL.md, s
 The gradient of a max flows only to its argmax, so the backward rebuilds dq and dk from the saved
 indices, as weighted sums of 2*B*B*N rows, instead of the dense (B, B, N, M) score tensor that plain
 autograd keeps and multiplies. ``mean_max_similarity_dense`` is the plain formula in autograd ops:
-the straightforward variant of scripts/benchmark.py and the oracle of tests/test_mtm.py.
+the straightforward variant of research/benchmark.py and the oracle of tests/test_mtm.py.
 """
 import torch
 import torch.nn as nn

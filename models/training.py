@@ -1,4 +1,4 @@
-"""The training state and one optimiser step, as train.py runs them; the benchmark (scripts/benchmark.py)
+"""The training state and one optimiser step, as train.py runs them; the benchmark (research/benchmark.py)
 and the grader's smoke run (grading/child.py) run the same step."""
 import math
 from types import SimpleNamespace

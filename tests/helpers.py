@@ -49,9 +49,10 @@ TINY_EXTRACTION = {"model": "resnet18", "weights": "random", "image_size": (TINY
 
 def make_tiny_data(root, num_scenes=TINY_SCENES, seed=0):
     """Generate, preprocess and extract (TINY_EXTRACTION) a tiny data set under ``root``; returns its paths."""
-    from scripts.generate_synthetic_clevr import IMAGE_DIRS, generate
     from scripts.preprocess_captions_transformer import preprocess
     from utils.extraction import extract
+    from utils.synthetic.scenes import IMAGE_DIRS
+    from utils.synthetic.writing import generate
 
     root = str(root)
     generate(root, num_scenes, seed=seed, width=TINY_IMAGE[0], height=TINY_IMAGE[1], workers=1,

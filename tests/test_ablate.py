@@ -1,4 +1,4 @@
-"""scripts/ablate.py --smoke: two variants on a 25-scene set, two steps each, tested on a test set of their own;
+"""research/ablate.py --smoke: two variants on a 25-scene set, two steps each, tested on a test set of their own;
 then the table and the chart, and a second run that skips what is done. A trained run is tested again, not
 trained again, when its test split changes."""
 import json
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from scripts import ablate
+from research import ablate
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.snippets
@@ -21,11 +21,11 @@ def _right_object(result_file):
 
 @pytest.mark.slow  # about 1.5 minutes: the tables and their formulas are checked fast below
 def test_smoke_run_writes_the_table_and_chart_and_resumes(tmp_path):
-    done = run_cli("scripts/ablate.py", "--smoke", "--test_scenes", "10", "--workdir", tmp_path, timeout=600)
+    done = run_cli("research/ablate.py", "--smoke", "--test_scenes", "10", "--workdir", tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     doc = (tmp_path / "ablation.md").read_text()
     assert "<!-- ablate.py section smoke: begin -->" in doc and (tmp_path / "ablation_smoke.png").stat().st_size > 0
-    assert f"Reproduce: `python scripts/ablate.py --smoke --test_scenes 10 --workdir {tmp_path}`" in doc
+    assert f"Reproduce: `python research/ablate.py --smoke --test_scenes 10 --workdir {tmp_path}`" in doc
     assert "test split: data/ablation/test-10 (10 changed and as many distractor pairs)" in doc
     header = next(line for line in doc.splitlines() if line.startswith("| variant | total CIDEr"))
     assert header.split(" | ")[-3:] == ["right object %", "type, object and value right %", "runs |"]
@@ -45,7 +45,7 @@ def test_smoke_run_writes_the_table_and_chart_and_resumes(tmp_path):
         assert re.search(rf"^\| {name} s1 \| .* \| {right_object:.1f} \| [0-9.]+ \| [0-9.]+ \|$", doc, re.M), doc
     # Hand-written text around the section stays; a second run skips the finished runs.
     (tmp_path / "ablation.md").write_text("# Notes\n\nkept\n\n" + doc.split("\n", 1)[1] + "\n## After\n")
-    again = run_cli("scripts/ablate.py", "--smoke", "--test_scenes", "10", "--workdir", tmp_path, timeout=300)
+    again = run_cli("research/ablate.py", "--smoke", "--test_scenes", "10", "--workdir", tmp_path, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2, again.stdout
     rewritten = (tmp_path / "ablation.md").read_text()
     assert rewritten.startswith("# Notes\n\nkept\n") and rewritten.endswith("section smoke: end -->\n\n## After\n")

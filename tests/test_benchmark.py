@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: its three variants give the same results, and its command line works.
+"""research/benchmark.py: its three variants give the same results, and its command line works.
 
 Cached decoding against recomputing the prefix is also tested in
 tests/test_decoder.py::test_cached_decoding_equals_recomputing_the_prefix (greedy and beam search).
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from scripts import benchmark
+from research import benchmark
 
 SMALL = ["--batch_size", "4", "--grid", "3", "--steps", "1", "--cfg", "configs/dynamic/transformer_quick.yaml",
          "model.change_detector.feat_dim", "10", "model.change_detector.att_dim", "16",
@@ -63,7 +63,7 @@ def test_benchmark_rejects_bad_arguments(capsys):
 
 
 def test_loader_benchmark_writes_distinct_files_packs_them_and_reports(tmp_path, capsys):
-    from scripts import benchmark_loader
+    from research import benchmark_loader
 
     scratch = tmp_path / "scratch"
     benchmark_loader.main(["--scratch", str(scratch), "--scenes", "16", "--workers", "0", "--archive",

@@ -1,4 +1,4 @@
-"""scripts/convert_reference_snapshot.py: a snapshot in the reference code's format (its state dicts and a
+"""research/convert_reference_snapshot.py: a snapshot in the reference code's format (its state dicts and a
 pickled yacs model_cfg, no CBR state, no vocabulary) becomes one test.py runs, without unpickling code."""
 import json
 import os
@@ -37,7 +37,7 @@ def test_a_reference_snapshot_converts_and_captions_as_the_original(tiny_data, t
     # The target config has the paper's dimensions: the converter takes them from the weights.
     target = tiny_cfg(tiny_data, exp_dir=str(tmp_path / "experiments"), exp_name="from_reference")
     cfg_file = write_cfg(target, tmp_path)
-    done = run_cli("scripts/convert_reference_snapshot.py", "--snapshot", tmp_path / "SCORER+CBR_checkpoint_7000.pt",
+    done = run_cli("research/convert_reference_snapshot.py", "--snapshot", tmp_path / "SCORER+CBR_checkpoint_7000.pt",
                    "--cfg", cfg_file, "--vocab_json", tiny_data["vocab"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"test it with: python test.py --cfg {cfg_file} --snapshot 7000" in done.stdout
@@ -49,7 +49,7 @@ def test_a_reference_snapshot_converts_and_captions_as_the_original(tiny_data, t
     out_dir = test_script.run_test(target, 7000)
     assert json.load(open(os.path.join(out_dir, "sc_results.json")))
     # Converted once: a second conversion into the same place would overwrite it.
-    again = run_cli("scripts/convert_reference_snapshot.py", "--snapshot", tmp_path / "SCORER+CBR_checkpoint_7000.pt",
+    again = run_cli("research/convert_reference_snapshot.py", "--snapshot", tmp_path / "SCORER+CBR_checkpoint_7000.pt",
                     "--cfg", cfg_file, "--vocab_json", tiny_data["vocab"])
     assert_cli_error(again, "exists already")
 
@@ -66,7 +66,7 @@ def test_pickled_code_in_a_reference_snapshot_is_refused(tiny_data, tmp_path):
     marker = tmp_path / "code_ran"
     reference_snapshot(tiny_cfg(tiny_data, **SMALL_MODEL), tmp_path / "evil_100.pt",
                        model_cfg_extra=_RunsCodeWhenUnpickled(str(marker)))
-    done = run_cli("scripts/convert_reference_snapshot.py", "--snapshot", tmp_path / "evil_100.pt",
+    done = run_cli("research/convert_reference_snapshot.py", "--snapshot", tmp_path / "evil_100.pt",
                    "--cfg", write_cfg(tiny_cfg(tiny_data), tmp_path), "--vocab_json", tiny_data["vocab"])
     assert_cli_error(done, "cannot be read as a reference snapshot", "only tensors, plain values and yacs configs")
     assert not marker.exists()
@@ -74,7 +74,7 @@ def test_pickled_code_in_a_reference_snapshot_is_refused(tiny_data, tmp_path):
 
 def test_a_file_that_is_not_a_reference_snapshot(tiny_data, tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other_5.pt")
-    done = run_cli("scripts/convert_reference_snapshot.py", "--snapshot", tmp_path / "other_5.pt",
+    done = run_cli("research/convert_reference_snapshot.py", "--snapshot", tmp_path / "other_5.pt",
                    "--cfg", write_cfg(tiny_cfg(tiny_data), tmp_path), "--vocab_json", tiny_data["vocab"])
     assert_cli_error(done, "is not a snapshot of the reference code: it lacks change_detector_state, speaker_state, "
                            "model_cfg")

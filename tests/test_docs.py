@@ -59,8 +59,8 @@ def config_keys():
 
 
 # The tools that take KEY VALUE config overrides after their flags.
-WITH_OVERRIDES = {"train.py", "test.py", "scripts/visualize.py", "scripts/make_report.py", "scripts/benchmark.py",
-                  "scripts/ablate.py", "scripts/probe_encoder.py", "utils.dataset"}
+WITH_OVERRIDES = {"train.py", "test.py", "scripts/visualize.py", "scripts/make_report.py", "research/benchmark.py",
+                  "research/ablate.py", "research/probe_encoder.py", "utils.dataset"}
 
 
 def check_arguments(words, help_output, where, overrides):
@@ -95,7 +95,7 @@ def check_command(line, where):
     if words[1] == "-m":
         module = words[2]
         assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
-        if module.startswith(("utils.", "scripts.", "tests.")):
+        if module.startswith(("utils.", "scripts.", "research.", "tests.")):
             check_arguments(words[3:], help_text("-m", module), where, module in WITH_OVERRIDES)
         return
     script = words[1]

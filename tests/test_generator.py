@@ -5,10 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from scripts.generate_synthetic_clevr import (BASE_CAMERA, CHANGE_TYPES, COLORS, IMAGE_DIRS, IMAGE_NAMES, generate,
-                                              main, make_scene)
+from scripts.generate_synthetic_clevr import main
 from tests.helpers import tree_digest
-from utils.text import CLEVR_CHANGE_WORDS, tokenize
+from utils.clevr_objects import COLORS
+from utils.synthetic.scenes import BASE_CAMERA, IMAGE_DIRS, IMAGE_NAMES, make_scene
+from utils.synthetic.writing import generate
+from utils.text import CHANGE_TYPES, CLEVR_CHANGE_WORDS, tokenize
 
 # Words that only captions of one change type use (DATA.md gives the style).
 TYPE_WORDS = {

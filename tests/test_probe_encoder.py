@@ -1,11 +1,11 @@
-"""scripts/probe_encoder.py: the figures docs/ablation.md explains the reconstruction collapse with."""
+"""research/probe_encoder.py: the figures docs/ablation.md explains the reconstruction collapse with."""
 import math
 
 import pytest
 import torch
 
 from models.captioner import CaptionModel
-from scripts import probe_encoder
+from research import probe_encoder
 from tests.helpers import small_cfg, write_cfg
 
 pytestmark = pytest.mark.snippets

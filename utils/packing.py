@@ -1,6 +1,6 @@
 """Packing a feature store (utils/feature_store.py) from one of three sources: the features archive read as
 a stream, the three feature folders, or the images (extracted on the way). scripts/pack_features.py is its
-command line; the loader benchmark (scripts/benchmark.py --loader) packs with it too.
+command line; the loader benchmark (research/benchmark_loader.py) packs with it too.
 """
 import gzip
 import io

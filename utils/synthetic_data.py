@@ -1,4 +1,4 @@
-"""Synthetic data sets made as the CPU demo makes them (scripts/demo.py, scripts/ablate.py).
+"""Synthetic data sets made as the CPU demo makes them (scripts/demo.py, research/ablate.py).
 
 Three stages, each a project command: render scenes (scripts/generate_synthetic_clevr.py),
 extract features from the three image folders (scripts/extract_features.py), build the

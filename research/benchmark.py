@@ -1,6 +1,6 @@
 """Speed and memory of the model against a straightforward formulation of the same computation.
 
-python scripts/benchmark.py [--cfg configs/dynamic/transformer.yaml] [--batch_size 32] [--grid 14]
+python research/benchmark.py [--cfg configs/dynamic/transformer.yaml] [--batch_size 32] [--grid 14]
                             [--device cpu|cuda] [--steps 3] [--amp none|bf16] [--beam_size 1] [KEY VALUE ...]
 (e.g. `train.compile True` as an override benchmarks the torch.compile'd model)
 

@@ -1,10 +1,10 @@
 """Does each part of the method earn its place? Trains variants x seeds on a synthetic data set.
 
-    python scripts/ablate.py                                   # 4 variants x 3 seeds, the demo's data
-    python scripts/ablate.py --viewpoint_shift 2 --variants subtraction scorer_cbr --seeds 1 \
+    python research/ablate.py                                  # 4 variants x 3 seeds, the demo's data
+    python research/ablate.py --viewpoint_shift 2 --variants subtraction scorer_cbr --seeds 1 \
         --section shift-2                                      # stronger distractors, one seed
-    python scripts/ablate.py --test_scenes 2000                # the same runs, tested on 2,000 other scenes
-    python scripts/ablate.py --smoke --workdir /tmp/ablate     # two variants, a few steps (tests)
+    python research/ablate.py --test_scenes 2000               # the same runs, tested on 2,000 other scenes
+    python research/ablate.py --smoke --workdir /tmp/ablate    # two variants, a few steps (tests)
 
 Each run is a normal experiment (configs/dynamic/transformer_demo.yaml with the variant's keys)
 under <workdir>/experiments/ablation/<section>/<variant>-s<seed>: train.py, then test.py on the
@@ -328,7 +328,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = " ".join(["python scripts/ablate.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python research/ablate.py", *(argv if argv is not None else sys.argv[1:])])
     runs = [Run(args, variant, seed) for variant in args.variants for seed in args.seeds]
     log_dir = os.path.join(args.workdir, "experiments", "ablation", args.section)
     os.makedirs(log_dir, exist_ok=True)

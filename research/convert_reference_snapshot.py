@@ -1,6 +1,6 @@
 """Turn a snapshot of the reference SCORER code into a snapshot of this project, for test.py.
 
-    python scripts/convert_reference_snapshot.py --snapshot SCORER+CBR_checkpoint_10000.pt \
+    python research/convert_reference_snapshot.py --snapshot SCORER+CBR_checkpoint_10000.pt \
         --cfg configs/dynamic/transformer.yaml --vocab_json data/transformer_vocab.json [--iteration N]
     python test.py --cfg configs/dynamic/transformer.yaml --snapshot 10000
 

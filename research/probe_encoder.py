@@ -1,6 +1,6 @@
 """Does the encoder's difference representation carry the change? A probe of trained snapshots.
 
-    python scripts/probe_encoder.py --cfg configs/dynamic/transformer_demo.yaml --snapshot 200 --snapshot best
+    python research/probe_encoder.py --cfg configs/dynamic/transformer_demo.yaml --snapshot 200 --snapshot best
                                     [--scenes 50] [--split test] [KEY VALUE ...]
 
 For evenly spaced scenes of the split (d: before, q: changed, n: distractor) it prints, per snapshot:
@@ -72,7 +72,7 @@ def main(argv=None):
         cfg = load_config(args.cfg, args.opts, gpu_id=-1)
         data = None
         for choice in args.snapshot:
-            iteration = snapshot_for(cfg, choice, args.cfg, "scripts/probe_encoder.py", argv)
+            iteration = snapshot_for(cfg, choice, args.cfg, "research/probe_encoder.py", argv)
             model, _, model_cfg = load_trained_model(cfg, iteration, torch.device("cpu"))
             if data is None:
                 dataset = RCCDataset(model_cfg, args.split, verbose=False)

@@ -1,6 +1,6 @@
 """How fast features of the real size load from this disk: loose .npy files against the feature store.
 
-    python scripts/benchmark_loader.py --scratch DIR [--scenes 2000] [--cfg configs/dynamic/transformer_quick.yaml]
+    python research/benchmark_loader.py --scratch DIR [--scenes 2000] [--cfg configs/dynamic/transformer_quick.yaml]
                                        [--archive] [--workers 0 2 4] [--keep]
 
 Writes --scenes scenes of distinct feature files of the config's shape (1024 x 14 x 14 float32 for the
