@@ -106,9 +106,9 @@ def _private_view(options, keep):
             _mount("/dev/null", path, None, MS_BIND)
     for path in python + keep:
         _reachable(path)
-    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):  # private, but a Python (e.g. a venv) inside stays reachable
         if os.path.isdir(folder):
-            _cover(folder, [p for p in keep if _inside(p, folder)], mode="1777")
+            _cover(folder, [p for p in python + keep if _inside(p, folder)], mode="1777")
 
 
 # ---------------------------------------------------------------- the seccomp filter
