@@ -34,7 +34,8 @@ def parse_args(argv=None):
 def run_test(cfg, iteration, beam_size=1, split="test", device=None):
     """Captions of the split by snapshot ``iteration`` on ``device`` (None: the one cfg.gpu_id names);
     returns the folder they were written to."""
-    device = device or select_device(cfg.gpu_id)
+    if device is None:
+        device = select_device(cfg.gpu_id)
     print(f"device: {device}")
     model, idx_to_word, cfg = load_trained_model(cfg, iteration, device)
     dataset = RCCDataset(cfg, split)

@@ -19,7 +19,9 @@ class TrainingError(UserError):
 def build(cfg, device, model=None):
     """The model (by default the one cfg describes), its optimiser, schedule and gradient scaler, at
     iteration 0."""
-    model = (model or CaptionModel(cfg, recompute=cfg.train.recompute_attention)).to(device)
+    if model is None:
+        model = CaptionModel(cfg, recompute=cfg.train.recompute_attention)
+    model = model.to(device)
     optim = cfg.train.optim
     optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                  eps=optim.eps, weight_decay=optim.weight_decay)

@@ -21,7 +21,7 @@ import numpy as np
 from utils.cli import int_at_least
 from utils.dataset import DataError, check_splits
 from utils.errors import UserError
-from utils.fileio import read_json
+from utils.fileio import files_by_id, read_json
 from utils.text import build_vocab, encode, tokenize
 
 
@@ -38,11 +38,7 @@ def image_ids(image_dir):
         raise PreprocessError(f"image folder {image_dir} does not exist; unpack the data "
                               f"(tar -xzf clevr_change.tar.gz) or generate it with "
                               f"scripts/generate_synthetic_clevr.py")
-    ids = {}
-    for name in os.listdir(image_dir):
-        match = _ID.search(name)
-        if match:
-            ids[int(match.group(1))] = name
+    ids = files_by_id(image_dir, _ID)
     if not ids:
         raise PreprocessError(f"no PNG images with a number in their name in {image_dir}")
     return ids

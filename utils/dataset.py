@@ -24,7 +24,7 @@ from utils import distributed
 from utils.errors import UserError
 from utils.extraction import describe_settings, read_stamp, settings_differences, settings_from_config
 from utils.feature_store import FEATURE_SETS, FeatureStore, StoreError, load_feature
-from utils.fileio import read_json
+from utils.fileio import files_by_id, read_json
 from utils.text import CHANGE_TYPES, SPECIAL_TOKENS
 
 SPLITS = ("train", "val", "test")
@@ -169,11 +169,7 @@ def _index_features(feat_dir, key, img_dir, extract_cmd):
     feat_dir): the command that makes the folder."""
     if not os.path.isdir(feat_dir):
         raise DataError(f"{key} = {feat_dir} does not exist; make it with: {extract_cmd(img_dir, feat_dir)}")
-    index = {}
-    for name in os.listdir(feat_dir):
-        match = _FEATURE_ID.search(name)
-        if match:
-            index[int(match.group(1))] = name
+    index = files_by_id(feat_dir, _FEATURE_ID)
     if not index:
         raise DataError(f"{key} = {feat_dir} holds no feature files (<image name>.npy); make "
                         f"them with: {extract_cmd(img_dir, feat_dir)}")

@@ -11,6 +11,17 @@ import time
 from utils.errors import UserError
 
 
+def files_by_id(folder, pattern):
+    """{number: file name} of the files in ``folder`` whose name ``pattern`` finds (its first group is the
+    number); one os.listdir, no stat per file."""
+    index = {}
+    for name in os.listdir(folder):
+        found = pattern.search(name)
+        if found:
+            index[int(found.group(1))] = name
+    return index
+
+
 def read_json(path, what, fix="", error=UserError):
     """The JSON value in path; ``error`` naming ``what`` (e.g. "data.vocab_json =") and path when the file
     is missing or not JSON, followed by ``fix`` (what to do about it)."""

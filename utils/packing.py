@@ -19,6 +19,7 @@ from utils.dataset import SPLITS, check_feature_shape, select_ids
 from utils.extraction import Extractor, default_device, describe_settings, read_stamp, settings_from_config
 from utils.feature_store import (FEATURE_SETS, SET_NAMES, StoreError, StoreWriter, check_feature, load_feature,
                                  size_text)
+from utils.fileio import files_by_id
 
 # An archive member of a feature: <set>/<image name>.npy, the image name ending in the scene id.
 _MEMBER = re.compile(r"(?:^|/)(" + "|".join(SET_NAMES) + r")/([^/]*?(\d+)\.[A-Za-z]+)\.npy$")
@@ -183,12 +184,7 @@ def _by_id(folder, pattern, what):
     if not os.path.isdir(folder):
         raise PackError(f"{what} folder {folder} does not exist; give the folder that holds "
                         f"{', '.join(SET_NAMES)} (or images, sc_images, nsc_images)")
-    index = {}
-    for name in os.listdir(folder):
-        found = pattern.search(name)
-        if found:
-            index[int(found.group(1))] = name
-    return index
+    return files_by_id(folder, pattern)
 
 
 def _require(index, ids, folder, what):
