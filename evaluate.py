@@ -32,11 +32,10 @@ from utils.eval_utils import (CHANGE_TYPES, SCORERS, CaptionScorer, EvalError, c
 from utils.cli import command_with
 from utils.fileio import write_json_atomic, write_text_atomic
 from utils.layout import CAPTION_FILES, ExperimentLayout
-from utils.object_score import FIGURES, load_scenes, object_scores
+from utils.object_score import FIGURES, SCENES_FILE, load_scenes, object_scores, scenes_beside
 
 SPLITS = ("semantic",) + CHANGE_TYPES + ("non_semantic", "total")
 OUTPUT_FILES = ("eval_results.txt", "eval_results.json")
-SCENES_FILE = "scenes.json"  # the synthetic generator's scene truth, next to the annotations
 
 
 def _natural_key(text):
@@ -188,12 +187,6 @@ def _load_folder(results_dir, folder, references, image_types):
                 raise EvalError(f"{file}: image id {image_id} has no change type in the type "
                                 f"file; check --type_file")
     return sc, nsc
-
-
-def scenes_beside(anno_json):
-    """The scenes.json next to the annotation file (synthetic data sets have one), or None."""
-    path = os.path.join(os.path.dirname(anno_json), SCENES_FILE)
-    return path if os.path.isfile(path) else None
 
 
 def evaluate_dir(results_dir, anno_json, type_file, metrics=SCORERS, argv=(), scenes=None):

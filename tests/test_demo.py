@@ -22,6 +22,7 @@ def test_demo_runs_every_stage_and_skips_them_the_second_time(tmp_path):
                  "report/report.html", "report/report.md"):
         assert (experiment / path).exists(), path
     assert "== time per stage" in first.stdout and "== test split scores" in first.stdout
+    assert "right_object_rate" in first.stdout
     test_scores = json.loads((experiment / "test_output/captions/eval_results.json").read_text())
     assert "test" in test_scores["folders"]
 

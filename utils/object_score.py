@@ -26,6 +26,7 @@ added object (add), and the new colour or material. Per changed pair (judge()):
 A subject that names no attribute ("the thing moved", "nothing has changed") is not the right
 object: it fits every object in the scene.
 """
+import os
 import re
 from typing import NamedTuple, Optional, Tuple
 
@@ -41,6 +42,7 @@ FIGURE_LABELS = {"right_type": "right change type", "object_color_shape": "right
 VALUES = {"size": tuple(SIZE_WORDS), "color": tuple(COLORS), "material": MATERIALS, "shape": SHAPES}
 NEW_VALUE_OF = {"color": "color", "material": "material"}  # change type -> the attribute it changes
 NEW_VALUE_TYPES = ("color", "material", "add")  # the changes with something new to name
+SCENES_FILE = "scenes.json"  # the synthetic generator's scene truth, next to the annotations
 ARTICLES = ("the", "a")
 _FIX = "re-generate the data set with scripts/generate_synthetic_clevr.py"
 _WORD = re.compile(r"[a-z]+")
@@ -105,6 +107,12 @@ def scene_truth(scene, source="scenes.json"):
     except ValueError as err:
         raise EvalError(f"{where}: {err}; {_FIX}") from None
     return {"change_type": change, "object": obj, "new": new}
+
+
+def scenes_beside(anno_json):
+    """The scenes.json next to the annotation file (synthetic data sets have one), or None."""
+    path = os.path.join(os.path.dirname(anno_json), SCENES_FILE)
+    return path if os.path.isfile(path) else None
 
 
 def load_scenes(path):
