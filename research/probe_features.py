@@ -7,7 +7,7 @@ For the "before" image of the first --scenes scenes of a synthetic data set (its
 the config's data.anno_json), it extracts the features with the config's data.extraction settings
 (override them, e.g. `data.extraction.image_size "(160, 160)"`), or reads them from --features DIR,
 takes the feature vector of the grid cell under the centre of each visible object's box, and fits a
-multinomial logistic regression per attribute (shape, colour, material, size) on the objects of the
+multinomial logistic regression per attribute (size, colour, material, shape) on the objects of the
 first 80 % of the scenes. It prints the accuracy on the objects of the other 20 % beside the share of
 their most frequent value. A cell may hold parts of other objects too, as it does for the model.
 docs/data.md uses it to choose the demo's features.
@@ -23,13 +23,12 @@ from PIL import Image
 from configs.defaults import load_config
 from utils.cli import int_at_least, parse_with_overrides, report_errors
 from utils.errors import UserError
+from utils.clevr_objects import ATTRIBUTES
 from utils.extraction import Extractor, describe_settings, settings_from_config
-from utils.fileio import read_json
-from utils.object_score import SCENES_FILE, scenes_beside
+from utils.object_score import SCENES_FILE, read_scenes, scenes_beside
+from utils.synthetic_data import EXTRACT_BATCH
 
-ATTRIBUTES = ("shape", "color", "material", "size")
 TRAIN_SHARE = 0.8
-BATCH = 50  # also the BatchNorm calibration batch of random weights, as the demo extracts
 
 
 def parse_args(argv=None):
@@ -90,9 +89,9 @@ def load_features(cfg, scenes, folder):
                             f"(e.g. {missing[0]}.npy); extract them, or leave --features out")
         return torch.stack([torch.from_numpy(np.load(os.path.join(folder, n + ".npy"))) for n in names])
     extractor = Extractor(settings_from_config(cfg.data.extraction), "cpu")
-    extractor.calibrate(image_dir, BATCH)
+    extractor.calibrate(image_dir, EXTRACT_BATCH)
     paths = [os.path.join(image_dir, n) for n in names]
-    return torch.cat([extractor(paths[i:i + BATCH]) for i in range(0, len(paths), BATCH)])
+    return torch.cat([extractor(paths[i:i + EXTRACT_BATCH]) for i in range(0, len(paths), EXTRACT_BATCH)])
 
 
 def main(argv=None):
@@ -104,7 +103,7 @@ def main(argv=None):
         if scenes_path is None:
             raise UserError(f"no {SCENES_FILE} next to data.anno_json ({cfg.data.anno_json}): the probe needs "
                             f"a synthetic data set (scripts/generate_synthetic_clevr.py writes one)")
-        scenes = read_json(scenes_path, "scenes file")["scenes"][:args.scenes]
+        scenes = read_scenes(scenes_path)[:args.scenes]
         with Image.open(os.path.join(cfg.data.default_img_dir, scenes[0]["images"]["default"])) as image:
             image_size = image.size
         features = load_features(cfg, scenes, args.features)  # (S, C, h, w)

@@ -115,16 +115,21 @@ def scenes_beside(anno_json):
     return path if os.path.isfile(path) else None
 
 
-def load_scenes(path):
-    """{image id "000123.png": scene_truth} of a scenes.json; EvalError naming the file when unusable."""
+def read_scenes(path):
+    """The scene records of a scenes.json (as the generator wrote them); EvalError naming the file when unusable."""
     data = read_json(path, "scenes file", "pass (--scenes) the scenes.json that scripts/generate_synthetic_clevr.py "
                      "wrote next to the annotations", EvalError)
     scenes = data.get("scenes") if isinstance(data, dict) else None
     if not isinstance(scenes, list):
         raise EvalError(f"scenes file {path} must hold {{\"scenes\": [...]}} as scripts/generate_synthetic_clevr.py "
                         f"writes it; {_FIX}")
+    return scenes
+
+
+def load_scenes(path):
+    """{image id "000123.png": scene_truth} of a scenes.json; EvalError naming the file when unusable."""
     truths = {}
-    for scene in scenes:
+    for scene in read_scenes(path):
         image_id = scene.get("image_id") if isinstance(scene, dict) else None
         if not isinstance(image_id, int) or image_id < 0:
             raise EvalError(f"scenes file {path}: a scene has no integer image_id ({str(scene)[:80]}); {_FIX}")

@@ -14,6 +14,7 @@ from utils.extraction import describe_settings, read_stamp, settings_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RENDER_SIZE = ("128", "96")  # width, height of the rendered images
+EXTRACT_BATCH = 50  # images per extraction batch, also the BatchNorm calibration batch of the random network
 # The demo's feature extraction settings live in its config (data.extraction): random-weight ResNet-101
 # layer1 pooled to 7 x 7, plus colour channels (configs/dynamic/transformer_demo.yaml says why).
 DEMO_CONFIG = os.path.join(ROOT, "configs", "dynamic", "transformer_demo.yaml")
@@ -45,7 +46,7 @@ def generate_command(folder, num_scenes, seed=0, viewpoint_shift=1.0):
 def extract_command(folder, images, features):
     """Extraction with the demo config's data.extraction settings."""
     return script("extract_features.py", "--input_image_dir", f"{folder}/{images}", "--output_dir",
-                  f"{folder}/{features}", "--batch_size", "50", "--cfg", DEMO_CONFIG)
+                  f"{folder}/{features}", "--batch_size", str(EXTRACT_BATCH), "--cfg", DEMO_CONFIG)
 
 
 def preprocess_command(folder):
