@@ -104,7 +104,7 @@ _C.train.grad_clip = 0.0  # clip the global gradient norm to this; 0 disables [0
 _C.train.max_logit_scale = 4.605170185988092  # log(100): clamp of the logit scales after each step [0, inf)
 _C.train.amp = "none"  # "none", "bf16" or "fp16": autocast dtype on a GPU (the CPU runs float32); fp16 also scales the loss (a gradient scaler) and skips steps whose gradients overflow
 _C.train.beam_size = 1  # beam width of the validation captions (1 is greedy) [1, inf)
-_C.train.recompute_attention = False  # rebuild the encoder, the decoder and the CBR head in backward instead of storing their activations (models/captioner.py: CaptionModel.run): less memory, same results, slower
+_C.train.recompute_attention = False  # rebuild the attention maps and other cheap activations of the encoder, the decoder and the CBR head in backward instead of storing them (models/captioner.py: CaptionModel.run): same results, about 0.6 of the memory, about 8 % slower (docs/performance.md)
 _C.train.compile = False  # torch.compile the model (worth it on a GPU; the first steps compile, slowly)
 _C.train.on_nonfinite_loss = "stop"  # "stop": end with an error at a NaN/Inf loss; "skip": drop that batch
 

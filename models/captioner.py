@@ -1,13 +1,15 @@
 """The captioning model: encoder, decoder and CBR head under the snapshots' names, the losses of a batch,
 and captions for feature pairs. Captions over a loader: utils/captioning.py; a trained model from its
 snapshot: models/loading.py."""
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from models import decoding
+from models import mtm  # noqa: F401  (defines torch.ops.scorer.mean_max_similarity, named below)
 from models.baselines import SubtractionEncoder
 from models.CBR import CBR
 from models.SCORER import AddSpatialInfo, ChangeDetector
@@ -24,12 +26,25 @@ class Captions(NamedTuple):
     decoder_attention: torch.Tensor  # (B, L, N) the decoder's attention over the difference tokens
 
 
+# What recomputation keeps: the outputs of the matrix products of the linear maps and 1x1 convolutions, and
+# the MTM similarity (models/mtm.py), costly to run again and the size of a few token sets (B, N, d). The rest
+# is rebuilt in backward, above all the (B, h, N, N) attention scores, probabilities and dropout masks,
+# which hold most of the memory and are cheap to recompute.
+KEPT_IN_RECOMPUTATION = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.convolution.default,
+                         torch.ops.scorer.mean_max_similarity.default}
+
+
+def _keep_products(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_IN_RECOMPUTATION else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class CaptionModel(nn.Module):
     """Encoder, decoder and CBR head under the names the snapshots use.
 
-    recompute: in training, the encoder, the decoder and the CBR head keep only their inputs, and their
-    activations are rebuilt in backward (with the same dropout masks) instead of stored: less memory for
-    one more forward, the same losses and gradients (train.recompute_attention).
+    recompute: in training, the encoder, the decoder and the CBR head keep only their inputs and the outputs of
+    their matrix products (KEPT_IN_RECOMPUTATION); the rest, above all the attention maps, is rebuilt in
+    backward with the same dropout masks instead of stored: less memory for a little more time, the same
+    losses and gradients (train.recompute_attention).
     similarity_in_every_block: every encoder block computes its MTM similarity S, in training and in
     evaluation, as the reference does (the straightforward variant of research/benchmark.py). By default
     only the last block's S is computed, and only in training: the loss uses no other. The losses are
@@ -56,9 +71,11 @@ class CaptionModel(nn.Module):
             blocks[-1].attention.mtm.when = "training"
 
     def run(self, module, *inputs):
-        """module(*inputs), with its activations rebuilt in backward when recompute is on."""
+        """module(*inputs); with recompute on, its activations but the kept ones are rebuilt in backward
+        (torch's selective activation checkpointing)."""
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(module, *inputs, use_reentrant=False)
+            return checkpoint(module, *inputs, use_reentrant=False,
+                              context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_products))
         return module(*inputs)
 
     def logit_scales(self):

@@ -15,53 +15,75 @@ import torch.nn.functional as F
 from utils.distributed import gather_batch
 
 
-class _MeanMaxSimilarity(torch.autograd.Function):
-    """(t2v + v2t) / 2 of every (query, key) pair of the batch, with the argmax-only backward."""
+@torch.library.custom_op("scorer::mean_max_similarity", mutates_args=())
+def mean_max_similarity(q: torch.Tensor, k: torch.Tensor,
+                        chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t2v + v2t) / 2 of every (query, key) pair of the batch, with the argmax-only backward.
 
-    @staticmethod
-    def forward(ctx, q, k, chunk):
-        """q: (A, N, D), k: (B, M, D) -> (A, B)."""
-        A, N, D = q.shape
-        B, M = k.shape[:2]
-        dtype = torch.promote_types(q.dtype, k.dtype)  # out= below is not autocast: one dtype by hand
-        q, k = q.to(dtype), k.to(dtype)
-        keys = k.reshape(B * M, D).t()  # (D, B*M)
-        # One score buffer for every chunk: a fresh tensor of this size per chunk costs page faults.
-        buffer = q.new_empty(min(chunk, A) * N, B * M)
-        sims, t2v_idx, v2t_idx = [], [], []
-        for start in range(0, A, chunk):
-            rows = q[start:start + chunk].reshape(-1, D)  # (c*N, D)
-            c = rows.size(0) // N
-            scores = torch.mm(rows, keys, out=buffer[:c * N]).view(c, N, B, M).transpose(1, 2)  # (c, B, N, M)
-            t2v, t2v_arg = scores.max(dim=-1)  # (c, B, N)
-            v2t, v2t_arg = scores.max(dim=-2)  # (c, B, M)
-            sims.append((t2v.mean(dim=-1) + v2t.mean(dim=-1)) / 2)  # (c, B)
-            t2v_idx.append(t2v_arg)
-            v2t_idx.append(v2t_arg)
-        ctx.save_for_backward(q, k, torch.cat(t2v_idx), torch.cat(v2t_idx))
-        return torch.cat(sims)
+    q: (A, N, D), k: (B, M, D) -> (similarity (A, B), t2v argmax (A, B, N), v2t argmax (A, B, M)).
+    A torch custom op, so that selective recomputation (models/captioner.py) can keep its result instead
+    of running it again; its backward needs only the argmax indices it returns.
+    """
+    A, N, D = q.shape
+    B, M = k.shape[:2]
+    dtype = torch.promote_types(q.dtype, k.dtype)  # out= below is not autocast: one dtype by hand
+    q, k = q.to(dtype), k.to(dtype)
+    keys = k.reshape(B * M, D).t()  # (D, B*M)
+    # One score buffer for every chunk: a fresh tensor of this size per chunk costs page faults.
+    buffer = q.new_empty(min(chunk, A) * N, B * M)
+    sims, t2v_idx, v2t_idx = [], [], []
+    for start in range(0, A, chunk):
+        rows = q[start:start + chunk].reshape(-1, D)  # (c*N, D)
+        c = rows.size(0) // N
+        scores = torch.mm(rows, keys, out=buffer[:c * N]).view(c, N, B, M).transpose(1, 2)  # (c, B, N, M)
+        t2v, t2v_arg = scores.max(dim=-1)  # (c, B, N)
+        v2t, v2t_arg = scores.max(dim=-2)  # (c, B, M)
+        sims.append((t2v.mean(dim=-1) + v2t.mean(dim=-1)) / 2)  # (c, B)
+        t2v_idx.append(t2v_arg)
+        v2t_idx.append(v2t_arg)
+    return torch.cat(sims), torch.cat(t2v_idx), torch.cat(v2t_idx)
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, t2v_idx, v2t_idx = ctx.saved_tensors
-        A, N, D = q.shape
-        B, M = k.shape[:2]
-        device = q.device
-        a = torch.arange(A, device=device).view(A, 1, 1)
-        b = torch.arange(B, device=device).view(1, B, 1)
-        i = torch.arange(N, device=device).view(1, 1, N)
-        j = torch.arange(M, device=device).view(1, 1, M)
-        dtype = torch.promote_types(q.dtype, torch.float32)  # sums of many rows: not in half precision
-        grad = grad.to(dtype)
-        # One entry per max taken: e[a, b, i, j] with query row (a, i), key row (b, j) and weight
-        # d S[a, b] / d e[a, b, i, j]; dq[a, i] sums weight * k[b, j] over its entries, dk likewise.
-        q_rows = torch.cat([(a * N + i).expand(A, B, N).reshape(-1), (a * N + v2t_idx).reshape(-1)])
-        k_rows = torch.cat([(b * M + t2v_idx).reshape(-1), (b * M + j).expand(A, B, M).reshape(-1)])
-        weights = torch.cat([(grad / (2 * N)).unsqueeze(-1).expand(A, B, N).reshape(-1),
-                             (grad / (2 * M)).unsqueeze(-1).expand(A, B, M).reshape(-1)])
-        grad_q = _weighted_row_sums(q_rows, k_rows, weights, k.reshape(B * M, D).to(dtype), A * N)
-        grad_k = _weighted_row_sums(k_rows, q_rows, weights, q.reshape(A * N, D).to(dtype), B * M)
-        return grad_q.view(A, N, D).to(q.dtype), grad_k.view(B, M, D).to(k.dtype), None
+
+@mean_max_similarity.register_fake
+def _output_shapes(q, k, chunk):
+    """The outputs' shapes and dtypes, without computing them (for torch.compile's tracing)."""
+    A, N = q.shape[:2]
+    B, M = k.shape[:2]
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    return (q.new_empty(A, B, dtype=dtype), q.new_empty(A, B, N, dtype=torch.long),
+            q.new_empty(A, B, M, dtype=torch.long))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, _ = inputs
+    _, t2v_idx, v2t_idx = output
+    ctx.save_for_backward(q, k, t2v_idx, v2t_idx)
+
+
+def _backward(ctx, grad, _t2v_grad, _v2t_grad):
+    q, k, t2v_idx, v2t_idx = ctx.saved_tensors
+    A, N, D = q.shape
+    B, M = k.shape[:2]
+    device = q.device
+    a = torch.arange(A, device=device).view(A, 1, 1)
+    b = torch.arange(B, device=device).view(1, B, 1)
+    i = torch.arange(N, device=device).view(1, 1, N)
+    j = torch.arange(M, device=device).view(1, 1, M)
+    # Sums of many rows: not in half precision.
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+    grad = grad.to(dtype)
+    # One entry per max taken: e[a, b, i, j] with query row (a, i), key row (b, j) and weight
+    # d S[a, b] / d e[a, b, i, j]; dq[a, i] sums weight * k[b, j] over its entries, dk likewise.
+    q_rows = torch.cat([(a * N + i).expand(A, B, N).reshape(-1), (a * N + v2t_idx).reshape(-1)])
+    k_rows = torch.cat([(b * M + t2v_idx).reshape(-1), (b * M + j).expand(A, B, M).reshape(-1)])
+    weights = torch.cat([(grad / (2 * N)).unsqueeze(-1).expand(A, B, N).reshape(-1),
+                         (grad / (2 * M)).unsqueeze(-1).expand(A, B, M).reshape(-1)])
+    grad_q = _weighted_row_sums(q_rows, k_rows, weights, k.reshape(B * M, D).to(dtype), A * N)
+    grad_k = _weighted_row_sums(k_rows, q_rows, weights, q.reshape(A * N, D).to(dtype), B * M)
+    return grad_q.view(A, N, D).to(q.dtype), grad_k.view(B, M, D).to(k.dtype), None
+
+
+mean_max_similarity.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def _weighted_row_sums(targets, sources, weights, table, num_rows):
@@ -99,8 +121,10 @@ def token_wise_similarity(q, k, logit_scale, heads=1, chunk=16, sparse_backward=
     B, N, d = q.shape
     qh = q.view(B, N, heads, d // heads).transpose(1, 2)  # (b, h, N, dh)
     kh = k.view(k.size(0), k.size(1), heads, d // heads).transpose(1, 2)  # (B, h, M, dh)
-    similarity = _MeanMaxSimilarity.apply if sparse_backward else mean_max_similarity_dense
-    per_head = [similarity(qh[:, h], kh[:, h], chunk) for h in range(heads)]  # h x (b, B)
+    if sparse_backward:  # the custom op also returns the argmax indices its backward keeps
+        per_head = [mean_max_similarity(qh[:, h], kh[:, h], chunk)[0] for h in range(heads)]  # h x (b, B)
+    else:
+        per_head = [mean_max_similarity_dense(qh[:, h], kh[:, h], chunk) for h in range(heads)]  # h x (b, B)
     return gather_batch(logit_scale.exp() * torch.stack(per_head).mean(dim=0))  # (B, B)
 
 

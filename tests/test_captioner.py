@@ -1,9 +1,11 @@
 """models/captioner.py: the whole model's losses and gradients, its state-dict keys and initial weights,
 recomputation in backward, the subtraction encoder, label smoothing."""
+import collections
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from configs.defaults import load_config
 from models.captioner import CaptionModel
@@ -82,6 +84,31 @@ def test_recomputed_attention_gives_the_same_losses_and_gradients_with_dropout()
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6) and grads_a.keys() == grads_b.keys()
     assert all(torch.allclose(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7) for k in grads_a)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_recompute_keeps_the_products_and_rebuilds_the_attention():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    model = CaptionModel(cfg, recompute=True)
+    with OpCounter() as forward:
+        losses = model(random_batch(B=2, grid=(3, 4)), cfg.train.lambda_v, cfg.train.lambda_m)
+    with OpCounter() as backward:
+        losses["total"].backward()
+    similarity, softmax = torch.ops.scorer.mean_max_similarity.default, torch.ops.aten._softmax.default
+    assert forward.calls[similarity] == 6  # the last encoder block's two and the CBR head's, for both pairs
+    assert backward.calls[similarity] == 0 and backward.calls[torch.ops.aten.convolution.default] == 0
+    assert backward.calls[torch.ops.aten.addmm.default] == 0  # the linear maps' outputs are kept
+    assert backward.calls[softmax] == forward.calls[softmax] > 0  # every attention is rebuilt
 
 
 def test_recompute_keeps_the_state_dict_and_the_students_modules():
