@@ -7,8 +7,9 @@ python research/benchmark.py [--cfg configs/dynamic/transformer.yaml] [--batch_s
 Three variants of the same model on the same weights, each built through CaptionModel's arguments
 and config keys:
 - "default": the model as train.py and test.py run it with the default configuration;
-- "recompute": the same with train.recompute_attention (the encoder, decoder and CBR head rebuilt
-  in backward: the memory-saving option);
+- "recompute": the same with train.recompute_attention (the encoder, decoder and CBR head keep their
+  matrix products and rebuild the rest, the attention maps above all, in backward: the memory-saving
+  option);
 - "straightforward": the MTM similarity at every encoder block and in evaluation
   (similarity_in_every_block), over the whole B x B x N x N score tensor at once (mtm_chunk = B)
   with plain autograd (mtm_sparse_backward False), and decoding that recomputes the whole prefix
