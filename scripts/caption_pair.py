@@ -33,10 +33,11 @@ from utils.dataset import check_feature_shape
 from utils.device import autocast_context
 from utils.errors import UserError
 from utils.eval_utils import classify_caption
-from utils.extraction import (IMAGE_EXTENSIONS, Extractor, describe_settings, list_images, settings_differences,
-                              settings_from_config)
+from utils.extraction import (BATCH_SIZE, IMAGE_EXTENSIONS, Extractor, describe_settings, list_images,
+                              settings_differences, settings_from_config)
 from utils.feature_store import FEATURE_SETS, FeatureStore, to_dtype
 from utils.figures import attention_maps, show
+from utils.synthetic_data import EXTRACT_BATCH
 from utils.utils import decode_sequence
 
 matplotlib.use("Agg")  # files only: no display on the training machines
@@ -46,9 +47,9 @@ from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 BEFORE_SET, CHANGED_SET, DISTRACTOR_SET = FEATURE_SETS
 # Random weights: the features do not record the batch size their BatchNorm statistics were measured
 # with (a plain average over batches: it matters). These are the sizes the project extracts with, the
-# demo's (utils/synthetic_data.py) and scripts/extract_features.py's default, tried in turn against
-# the features the data holds for the folder's first image.
-CALIBRATION_BATCHES = (50, 128)
+# demo's and scripts/extract_features.py's default, tried in turn against the features the data holds
+# for the folder's first image.
+CALIBRATION_BATCHES = (EXTRACT_BATCH, BATCH_SIZE)
 MATCH = 1e-3  # largest difference from the stored features, relative to their largest value (float16 rounding)
 FIG_WIDTH = 10.0  # inches: two panels of 5 inches
 DPI = 100

@@ -21,7 +21,7 @@ import argparse
 
 from configs.defaults import get_cfg_defaults, load_config
 from utils.cli import int_at_least, number_at_least, parse_grid, report_errors
-from utils.extraction import extract, settings_from_config
+from utils.extraction import BATCH_SIZE, extract, settings_from_config
 
 
 def parse_args(argv=None):
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input_image_dir", required=True)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--batch_size", type=int_at_least(1), default=128)
+    parser.add_argument("--batch_size", type=int_at_least(1), default=BATCH_SIZE)
     parser.add_argument("--max_images", type=int_at_least(-1), default=-1, help="first N images; -1 all")
     parser.add_argument("--cfg", default=None,
                         help="take the settings from this config's data.extraction (the flags below are then ignored)")

@@ -36,7 +36,7 @@ from utils.errors import UserError
 from utils.eval_utils import EvalError, classify_caption, load_references
 from utils.figures import attention_maps, show
 from utils.fileio import read_json, write_json_atomic
-from utils.object_score import describe, judge, scene_truth
+from utils.object_score import SCENES_FILE, describe, judge, scene_truth
 from utils.text import CHANGE_TYPES
 from utils.utils import decode_sequence
 
@@ -91,7 +91,7 @@ def select_indices(dataset, ids=None, per_type=None, random_n=None, seed=0):
 def load_scenes(cfg):
     """({scene id: scene}, path) from scenes.json next to the data (synthetic sets only), else ({}, None)."""
     for folder in (os.path.dirname(cfg.data.splits_json), os.path.dirname(cfg.data.default_img_dir)):
-        path = os.path.join(folder, "scenes.json")
+        path = os.path.join(folder, SCENES_FILE)
         if os.path.isfile(path):
             data = read_json(path, "scene file", "re-generate the data set", VisualizeError)
             return {int(scene["image_id"]): scene for scene in data.get("scenes", [])}, path

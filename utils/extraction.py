@@ -25,6 +25,7 @@ from utils.errors import UserError
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.224)  # the reference's blue std (torchvision's is 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+BATCH_SIZE = 128  # images per extraction batch unless told (scripts/extract_features.py --batch_size)
 BN_SAMPLE = 256  # images used to re-estimate BatchNorm statistics of a random network
 STAMP = "extraction.json"  # the settings of a feature folder, inside it
 
@@ -241,7 +242,7 @@ def _stamp_folder(output_dir, settings, has_features):
         os.replace(os.path.join(output_dir, STAMP + ".tmp"), os.path.join(output_dir, STAMP))
 
 
-def extract(input_image_dir, output_dir, settings, batch_size=128, max_images=-1, device=None, progress=True):
+def extract(input_image_dir, output_dir, settings, batch_size=BATCH_SIZE, max_images=-1, device=None, progress=True):
     """Writes ``<image name>.npy`` for every image not yet done; returns a dict of figures for the report."""
     names = list_images(input_image_dir, max_images)
     os.makedirs(output_dir, exist_ok=True)

@@ -82,7 +82,7 @@ def parse_caption(text):
     return Mention({a: tuple(v) for a, v in subject.items()}, new)
 
 
-def scene_truth(scene, source="scenes.json"):
+def scene_truth(scene, source=SCENES_FILE):
     """{"change_type", "object": {attribute: value}, "new": (attribute, value) or None} of one scene
     record of scenes.json; EvalError naming ``source`` and the scene when a field is missing or odd."""
     where = f"{source}: scene {scene.get('image_id', '?') if isinstance(scene, dict) else '?'}"

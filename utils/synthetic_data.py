@@ -11,6 +11,7 @@ import sys
 from configs.defaults import load_config
 from utils.errors import UserError
 from utils.extraction import describe_settings, read_stamp, settings_from_config
+from utils.object_score import SCENES_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RENDER_SIZE = ("128", "96")  # width, height of the rendered images
@@ -59,7 +60,7 @@ def preprocess_command(folder):
 
 
 def generated(folder):
-    return os.path.exists(os.path.join(folder, "scenes.json"))
+    return os.path.exists(os.path.join(folder, SCENES_FILE))
 
 
 def extracted(folder, images, features):

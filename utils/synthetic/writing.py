@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from utils.eval_utils import build_references
 from utils.fileio import write_json_atomic
+from utils.object_score import SCENES_FILE
 from utils.synthetic.render import SUPERSAMPLE
 from utils.synthetic.scenes import IMAGE_DIRS, IMAGE_NAMES, change_type_of, make_scene
 from utils.text import CHANGE_TYPES
@@ -58,7 +59,7 @@ def write_index(records, out_dir, seed):
     write_json_atomic(os.path.join(out_dir, "splits.json"), make_splits(ids, seed), indent=None)
     write_json_atomic(os.path.join(out_dir, "type_mapping.json"), type_mapping, indent=None)
     write_json_atomic(os.path.join(out_dir, "total_change_captions_reformat.json"), coco, indent=None)
-    write_json_atomic(os.path.join(out_dir, "scenes.json"), scenes, indent=None)
+    write_json_atomic(os.path.join(out_dir, SCENES_FILE), scenes, indent=None)
 
 
 def generate(output_dir, num_scenes, seed=0, width=480, height=320, workers=None, start_id=0,
