@@ -11,10 +11,9 @@ import sys
 
 from tqdm import tqdm
 
-from configs.defaults import load_config
 from models.loading import load_trained_model
 from utils.captioning import generate_captions, write_captions
-from utils.cli import device_for, int_at_least, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
+from utils.cli import int_at_least, parse_with_overrides, report_errors, snapshot_choice, trained_experiment
 from utils.dataset import RCCDataset, eval_loader
 from utils.device import select_device
 from utils.layout import ExperimentLayout
@@ -53,9 +52,8 @@ def main(argv=None):
     args = parse_args(argv)
 
     def run():
-        cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        device = device_for(cfg, "test.py", argv)
-        run_test(cfg, snapshot_for(cfg, args.snapshot, args.cfg, "test.py", argv), args.beam_size, args.split, device)
+        cfg, device, iteration = trained_experiment(args, "test.py", argv)
+        run_test(cfg, iteration, args.beam_size, args.split, device)
 
     report_errors(run)
 

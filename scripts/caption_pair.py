@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from configs.defaults import ConfigError, get_cfg_defaults, get_key, load_config, merge_dict
+from configs.defaults import ConfigError, get_cfg_defaults, get_key, merge_dict
 from models.loading import load_trained_model
 from utils.checkpoint import snapshot_path
-from utils.cli import device_for, int_at_least, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
+from utils.cli import int_at_least, parse_with_overrides, report_errors, snapshot_choice, trained_experiment
 from utils.dataset import check_feature_shape
 from utils.device import autocast_context
 from utils.errors import UserError
@@ -244,11 +244,9 @@ def main(argv=None):
     args = parse_args(argv)
 
     def run():
-        cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        device = device_for(cfg, "scripts/caption_pair.py", argv)
         if args.attention:
             check_figure_file(args.attention)
-        iteration = snapshot_for(cfg, args.snapshot, args.cfg, "scripts/caption_pair.py", argv)
+        cfg, device, iteration = trained_experiment(args, "scripts/caption_pair.py", argv)
         result = caption_pair(cfg, iteration, args.before, args.after, device, args.beam_size)
         if args.attention:
             draw_pair(result, args.before, args.after, args.attention)

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from utils.cli import int_at_least
-from utils.dataset import DataError, check_splits
+from utils.dataset import H5_KEYS, DataError, check_splits
 from utils.errors import UserError
 from utils.fileio import files_by_id, read_json
 from utils.text import build_vocab, encode, tokenize
@@ -134,14 +134,8 @@ def preprocess(captions_json, neg_captions_json, image_dir, split_json, vocab_js
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = output_h5 + ".tmp"
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("labels", data=labels)
-        f.create_dataset("label_start_idx", data=start)
-        f.create_dataset("label_end_idx", data=end)
-        f.create_dataset("label_length", data=length)
-        f.create_dataset("neg_labels", data=neg_labels)
-        f.create_dataset("neg_label_start_idx", data=neg_start)
-        f.create_dataset("neg_label_end_idx", data=neg_end)
-        f.create_dataset("neg_label_length", data=neg_length)
+        for key, array in zip(H5_KEYS, (labels, start, end, length, neg_labels, neg_start, neg_end, neg_length)):
+            f.create_dataset(key, data=array)
     os.replace(tmp, output_h5)
     tmp = vocab_json + ".tmp"
     with open(tmp, "w") as f:

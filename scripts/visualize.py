@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from configs.defaults import load_config
 from models.loading import load_trained_model
-from utils.cli import device_for, parse_with_overrides, report_errors, snapshot_choice, snapshot_for
+from utils.cli import parse_with_overrides, report_errors, snapshot_choice, trained_experiment
 from utils.dataset import RCCDataset
 from utils.device import select_device
 from utils.errors import UserError
@@ -330,9 +329,7 @@ def main(argv=None):
     args = parse_args(argv)
 
     def run():
-        cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
-        device_for(cfg, "scripts/visualize.py", argv)
-        iteration = snapshot_for(cfg, args.snapshot, args.cfg, "scripts/visualize.py", argv)
+        cfg, _, iteration = trained_experiment(args, "scripts/visualize.py", argv)
         return cfg, make_figures(cfg, iteration, args.ids, args.per_type, args.random_n, args.seed,
                                  args.split, args.output_dir, args.attention, args.beam_size)
 

@@ -4,7 +4,7 @@ import math
 import shlex
 import sys
 
-from configs.defaults import ConfigError
+from configs.defaults import ConfigError, load_config
 from utils.device import DeviceError, select_device, working_gpu_id
 from utils.errors import UserError
 from utils.experiment import resolve_snapshot
@@ -39,30 +39,28 @@ def snapshot_choice(text):
 
 def int_at_least(low, high=None):
     """An argparse type: an integer >= low (and <= high when given), else a usage error naming the range."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and at most {high}" if high is not None
-                                                                           else "") + f", got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
+    bounds = f"at least {low}" + (f" and at most {high}" if high is not None else "")
+    return _bounded(int, "an integer", lambda value: low <= value and (high is None or value <= high), bounds,
+                    f"integer >= {low}")
 
 
 def number_at_least(low, above=False):
     """An argparse type: a finite number >= low (> low when ``above``), else a usage error naming the range."""
+    return _bounded(float, "a number", lambda value: math.isfinite(value) and (value > low if above else value >= low),
+                    f"{'above' if above else 'at least'} {low:g}", f"number >= {low:g}")
+
+
+def _bounded(convert, kind, within, bounds, name):
+    """An argparse type: convert(text) when within() accepts it, else a usage error saying it must be ``bounds``."""
     def parse(text):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (above and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'above' if above else 'at least'} {low:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
-    parse.__name__ = f"number >= {low:g}"
+    parse.__name__ = name
     return parse
 
 
@@ -111,6 +109,14 @@ def device_for(cfg, script, argv):
         return select_device(cfg.gpu_id)
     except DeviceError as err:
         raise DeviceError(f"{err}. This works here: {command_with(script, argv, gpu=working_gpu_id())}") from None
+
+
+def trained_experiment(args, script, argv):
+    """(config, device, snapshot iteration) for a command that reads a trained experiment: the config of --cfg
+    with its KEY VALUE overrides and --gpu, the device it names and the snapshot --snapshot names."""
+    cfg = load_config(args.cfg, args.opts, gpu_id=args.gpu)
+    device = device_for(cfg, script, argv)
+    return cfg, device, snapshot_for(cfg, args.snapshot, args.cfg, script, argv)
 
 
 def snapshot_for(cfg, choice, config_file, script, argv):

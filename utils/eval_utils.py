@@ -94,6 +94,14 @@ def build_references(change_captions, no_change_captions, description):
             "annotations": annotations}
 
 
+def _captions_of(items, path, name):
+    """(image id, caption) of each {"image_id": ..., "caption": "..."} in a COCO-style list, checked."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("caption"), str) or "image_id" not in item:
+            raise EvalError(f"{path}: {name} {i} needs an 'image_id' and a string 'caption'; got {item!r:.200}")
+        yield str(item["image_id"]), item["caption"]
+
+
 def load_references(anno_json):
     """COCO caption ground truth -> {image_id: [caption, ...]}."""
     data = _read_json(anno_json, "annotation file")
@@ -103,12 +111,8 @@ def load_references(anno_json):
                         f"'annotations' list of {{'image_id', 'caption'}} (e.g. "
                         f"data/total_change_captions_reformat.json)")
     references = {}
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) \
-                or "image_id" not in ann:
-            raise EvalError(f"{anno_json}: annotation {i} needs an 'image_id' and a string "
-                            f"'caption'; got {ann!r:.200}")
-        references.setdefault(str(ann["image_id"]), []).append(ann["caption"])
+    for image_id, caption in _captions_of(annotations, anno_json, "annotation"):
+        references.setdefault(image_id, []).append(caption)
     if not references:
         raise EvalError(f"{anno_json}: the 'annotations' list is empty")
     return references
@@ -133,15 +137,10 @@ def load_results(path):
         raise EvalError(f"{path}: expected a JSON list of {{\"image_id\": \"000123.png\", "
                         f"\"caption\": \"...\"}}")
     results = {}
-    for i, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("caption"), str) \
-                or "image_id" not in item:
-            raise EvalError(f"{path}: item {i} must be {{\"image_id\": ..., \"caption\": "
-                            f"\"...\"}}; got {item!r:.200}")
-        image_id = str(item["image_id"])
+    for image_id, caption in _captions_of(data, path, "item"):
         if image_id in results:
             raise EvalError(f"{path}: image id {image_id} appears more than once")
-        results[image_id] = item["caption"]
+        results[image_id] = caption
     return results
 
 
