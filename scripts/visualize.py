@@ -270,10 +270,12 @@ def _update_index(output_dir, entries):
 
 
 def make_figures(cfg, iteration, ids=None, per_type=None, random_n=None, seed=0, split="test",
-                 output_dir=None, attention=False, beam_size=1):
-    """Draws one PNG per chosen scene; returns the index entries (file paths under output_dir)."""
+                 output_dir=None, attention=False, beam_size=1, device=None):
+    """Draws one PNG per chosen scene on ``device`` (None: the one cfg.gpu_id names); returns the index
+    entries (file paths under output_dir)."""
     output_dir = output_dir or default_output_dir(cfg)
-    device = select_device(cfg.gpu_id)
+    if device is None:
+        device = select_device(cfg.gpu_id)
     model, idx_to_word, model_cfg = load_trained_model(cfg, iteration, device)
     dataset = RCCDataset(model_cfg, split)
     indices = select_indices(dataset, ids, per_type, random_n, seed)
@@ -329,9 +331,9 @@ def main(argv=None):
     args = parse_args(argv)
 
     def run():
-        cfg, _, iteration = trained_experiment(args, "scripts/visualize.py", argv)
+        cfg, device, iteration = trained_experiment(args, "scripts/visualize.py", argv)
         return cfg, make_figures(cfg, iteration, args.ids, args.per_type, args.random_n, args.seed,
-                                 args.split, args.output_dir, args.attention, args.beam_size)
+                                 args.split, args.output_dir, args.attention, args.beam_size, device)
 
     cfg, entries = report_errors(run)
     output_dir = args.output_dir or default_output_dir(cfg)

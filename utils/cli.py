@@ -46,7 +46,8 @@ def int_at_least(low, high=None):
 
 def number_at_least(low, above=False):
     """An argparse type: a finite number >= low (> low when ``above``), else a usage error naming the range."""
-    return _bounded(float, "a number", lambda value: math.isfinite(value) and (value > low if above else value >= low),
+    return _bounded(float, "a number",
+                    lambda value: math.isfinite(value) and (value > low if above else value >= low),
                     f"{'above' if above else 'at least'} {low:g}", f"number >= {low:g}")
 
 
